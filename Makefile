@@ -1,0 +1,51 @@
+# The README's commands. Each target sets up .venv (and torch, if missing) before it runs.
+#   make demo   set up, build, print what was built and check every backend against the reference
+#   make test   set up, build, run the whole test suite (Triton kernels under the interpreter when no GPU)
+#   make bench  set up, build, run the microbenchmarks
+#   make gpu    on a GPU machine: build, test on CUDA, compute-sanitizer, benchmarks, record results
+
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TEST_DEPS ?= numpy ninja pytest pytest-benchmark hypothesis scipy transformers==5.23.0 matplotlib
+# nvcc may be a wrapper script outside the toolkit, so torch's guess of CUDA_HOME is wrong; ask nvcc.
+CUDA_HOME ?= $(shell command -v nvcc >/dev/null 2>&1 && nvcc -v /dev/null 2>&1 | sed -n 's/^\#\$$ TOP=//p' | head -n 1 | xargs -r realpath)
+export CUDA_HOME
+BUILD_STAMP := $(VENV)/.rtdetr-kernels-built
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: setup demo test bench gpu clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+$(VENV)/.deps: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q $(TEST_DEPS)
+	touch $@
+
+$(BUILD_STAMP): $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(BUILD_STAMP)
+
+demo: setup
+	$(PY) -m rtdetr_kernels info
+	$(PY) -m rtdetr_kernels check
+
+# The build test must fail (not skip) when the extension, or its CUDA kernels where nvcc exists, did not build.
+test: setup
+	RTDETR_REQUIRE_EXTENSION=1 RTDETR_REQUIRE_CUDA_EXTENSION=$(if $(CUDA_HOME),1,0) $(PY) -m pytest tests -q -rs
+
+bench: setup
+	$(PY) -m pytest bench -q
+
+gpu:
+	bash bench/gpu_suite.sh
+
+clean:
+	rm -rf build *.egg-info kernels/_C*.so $(BUILD_STAMP)

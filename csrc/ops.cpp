@@ -1,0 +1,40 @@
+// Schemas of the compiled ops and the Python module init of rtdetr_kernels._C.
+//
+// The kernels are registered per dispatch key next to their code (cpu.cpp: CPU, cuda_ops.cpp: CUDA).
+// Autograd, fake tensors and backend choice live in Python (kernels/<op>/op.py), which calls these
+// ops; the module has no pybind11, importing it just runs the static registrations.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(rtdetr_kernels_C, m) {
+  m.def(
+      "ms_deform_attn_forward(Tensor value, Tensor sampling_locations, Tensor attention_weights, "
+      "int[] spatial_shapes, int[] points_per_level, int method) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor sampling_locations, "
+      "Tensor attention_weights, int[] spatial_shapes, int[] points_per_level, int method, "
+      "bool need_value, bool need_locations, bool need_weights, bool deterministic) -> (Tensor, Tensor, Tensor)");
+}
+
+#ifndef RTDETR_CUDA_ARCHS
+#define RTDETR_CUDA_ARCHS ""
+#endif
+#ifndef RTDETR_CUDA_VERSION
+#define RTDETR_CUDA_VERSION ""
+#endif
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "rtdetr_kernels compiled ops", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef RTDETR_WITH_CUDA
+  PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  PyModule_AddStringConstant(module, "CUDA_ARCHS", RTDETR_CUDA_ARCHS);
+  PyModule_AddStringConstant(module, "CUDA_VERSION", RTDETR_CUDA_VERSION);
+  PyModule_AddStringConstant(module, "OPS", "ms_deform_attn_forward,ms_deform_attn_backward");
+  return module;
+}

@@ -1,0 +1,26 @@
+"""rtdetr_kernels: fused Triton and CUDA C++ kernels for DETR-style detectors.
+
+Public API:
+    ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights, ...)
+    aifi_attention(x, pos, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, ...)
+    topk_select(logits, k, gather=(...), ...)
+    use_backend(name), explain(op, *args, **kwargs), BackendUnavailableError
+"""
+
+from . import backends
+from .backends import BackendUnavailableError, use_backend
+from .ms_deform_attn import ms_deform_attn
+
+__version__ = "0.1.0"
+
+__all__ = ["ms_deform_attn", "use_backend", "BackendUnavailableError", "explain", "backends", "__version__"]
+
+
+def explain(op: str, *args, **kwargs) -> str:
+    """Which backend would serve ``op(*args, **kwargs)`` and why the others would not."""
+    from .ms_deform_attn.op import explain as msda_explain
+
+    explainers = {"ms_deform_attn": msda_explain}
+    if op not in explainers:
+        raise ValueError(f"op: expected one of {sorted(explainers)}, got {op!r}")
+    return explainers[op](*args, **kwargs)

@@ -1,0 +1,229 @@
+"""Backend registry and selection.
+
+Every op has up to four implementations: ``cuda`` (csrc CUDA kernels in ``_C``), ``triton``,
+``cpu`` (csrc C++ kernels in ``_C``) and ``reference`` (pure PyTorch). Each op registers, per
+backend, a ``why_not(call) -> str | None`` function that says why that backend cannot serve a
+given call (dtype, shape, option), or ``None`` when it can. Build-level availability (is ``_C``
+built, with CUDA? is triton importable? is there a GPU?) is checked here once for all ops.
+
+Selection, first match wins: the ``backend=`` argument of an op, the innermost
+``use_backend(...)`` context, the environment variable ``RTDETR_KERNELS_BACKEND``, else ``auto``.
+``auto`` walks the device's priority list (CUDA tensors: cuda, triton, reference; CPU tensors:
+cpu, reference) and takes the first backend that can serve the call. An explicit backend that
+cannot serve the call raises ``BackendUnavailableError`` naming the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+BACKENDS: Tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+AUTO_PRIORITY: Dict[str, Tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+ENV_VAR = "RTDETR_KERNELS_BACKEND"
+
+logger = logging.getLogger("rtdetr_kernels")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot serve this call; the message says why."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a backend needs to know to decide whether it can serve a call."""
+
+    op: str
+    device_type: str
+    dtypes: Tuple[torch.dtype, ...]
+    options: Tuple[Tuple[str, object], ...] = ()
+
+    def option(self, name: str, default=None):
+        return dict(self.options).get(name, default)
+
+
+WhyNot = Callable[[Call], Optional[str]]
+
+
+@dataclass
+class OpBackends:
+    name: str
+    why_not: Dict[str, WhyNot] = field(default_factory=dict)
+
+
+_OPS: Dict[str, OpBackends] = {}
+
+
+def register(op: str, backend: str, why_not: WhyNot) -> None:
+    """Declare that ``backend`` implements ``op``; ``why_not`` refines per call."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _OPS.setdefault(op, OpBackends(op)).why_not[backend] = why_not
+
+
+def registered_ops() -> List[str]:
+    return sorted(_OPS)
+
+
+# --------------------------------------------------------------------------------------------
+# Build-level availability
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension():
+    """Import ``rtdetr_kernels._C`` once; returns the module or None (see ``extension_error``)."""
+    try:
+        return importlib.import_module("rtdetr_kernels._C")
+    except Exception as exc:  # ImportError, or an undefined-symbol OSError from a stale build
+        _EXTENSION_ERROR.append(f"{type(exc).__name__}: {exc}")
+        return None
+
+
+_EXTENSION_ERROR: List[str] = []
+
+
+def extension_error() -> Optional[str]:
+    load_extension()
+    return _EXTENSION_ERROR[0] if _EXTENSION_ERROR else None
+
+
+def extension_has_cuda() -> bool:
+    ext = load_extension()
+    return bool(ext is not None and getattr(ext, "WITH_CUDA", False))
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> Tuple[bool, str]:
+    """(importable, version-or-reason)."""
+    try:
+        import triton  # noqa: F401
+
+        return True, triton.__version__
+    except Exception as exc:
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _build_why_not(backend: str, device_type: str) -> Optional[str]:
+    """Reasons that do not depend on the call, only on the build and the device."""
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda"):
+        if load_extension() is None:
+            return f"the compiled extension rtdetr_kernels._C is not available ({extension_error()})"
+        if backend == "cpu" and device_type != "cpu":
+            return f"the cpu backend serves CPU tensors, got {device_type} tensors"
+        if backend == "cuda":
+            if device_type != "cuda":
+                return f"the cuda backend serves CUDA tensors, got {device_type} tensors"
+            if not extension_has_cuda():
+                return "rtdetr_kernels._C was built without CUDA kernels (no nvcc/CUDA torch at build time)"
+        return None
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            return why
+        if device_type == "cpu" and not triton_interpreter():
+            return "triton runs CPU tensors only under the interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        if device_type not in ("cpu", "cuda"):
+            return f"the triton backend serves CUDA tensors, got {device_type} tensors"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def why_not(backend: str, call: Call) -> Optional[str]:
+    """None if ``backend`` can serve ``call``, else a readable reason."""
+    spec = _OPS.get(call.op)
+    if spec is None:
+        return f"unknown op {call.op!r}"
+    if backend not in spec.why_not:
+        return f"{call.op} has no {backend} implementation"
+    reason = _build_why_not(backend, call.device_type)
+    if reason is None:
+        reason = spec.why_not[backend](call)
+    return reason
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("rtdetr_kernels_backend", default=None)
+
+
+def _check_name(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside this block on ``name`` ('auto', 'cuda', 'triton', 'cpu', 'reference')."""
+    token = _override.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend(explicit: Optional[str] = None) -> str:
+    if explicit is not None:
+        return _check_name(explicit, "backend")
+    ctx = _override.get()
+    if ctx is not None:
+        return ctx
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_name(env, ENV_VAR)
+    return "auto"
+
+
+def select(call: Call, explicit: Optional[str] = None) -> str:
+    """The backend that serves ``call``; raises BackendUnavailableError for an impossible explicit choice."""
+    requested = requested_backend(explicit)
+    if requested != "auto":
+        reason = why_not(requested, call)
+        if reason is not None:
+            raise BackendUnavailableError(f"{call.op}: backend {requested!r} cannot serve this call: {reason}")
+        return requested
+    reasons = []
+    for backend in AUTO_PRIORITY.get(call.device_type, ("reference",)):
+        reason = why_not(backend, call)
+        if reason is None:
+            if reasons:
+                logger.debug("%s: auto chose %s (%s)", call.op, backend, "; ".join(reasons))
+            return backend
+        reasons.append(f"{backend}: {reason}")
+    raise BackendUnavailableError(f"{call.op}: no backend can serve this call: " + "; ".join(reasons))
+
+
+def explain(call: Call) -> str:
+    """A line per backend saying whether it can serve ``call`` and why not."""
+    lines = []
+    chosen = None
+    try:
+        chosen = select(call, "auto")
+    except BackendUnavailableError:
+        pass
+    for backend in BACKENDS:
+        reason = why_not(backend, call)
+        mark = "*" if backend == chosen else " "
+        lines.append(f"{mark} {backend:<9} " + ("ok" if reason is None else f"unavailable: {reason}"))
+    return f"{call.op} on {call.device_type} {[str(d).replace('torch.', '') for d in call.dtypes]}:\n" + "\n".join(lines)
