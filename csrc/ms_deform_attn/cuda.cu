@@ -162,7 +162,14 @@ __global__ void backward_kernel(const T* __restrict__ grad_out,    // [N, Lq, M,
       const int64_t p_end = p.levels.point_start[l] + p.levels.num_points[l];
       for (int64_t pt = p.levels.point_start[l]; pt < p_end; ++pt) {
         const Sample<acc_t> s = sample_point(head_loc[2 * pt], head_loc[2 * pt + 1], H, W, p.method);
-        if (!s.valid) continue;  // the same for every lane of the group
+        if (!s.valid) {  // the same for every lane of the group; a skipped point's grads are 0
+          if (g.lane == 0 && round == 0) {
+            const int64_t point = g.head * p.P + pt;
+            if (grad_attn != nullptr) grad_attn[point] = acc_t(0);
+            if (grad_loc != nullptr) grad_loc[2 * point] = grad_loc[2 * point + 1] = acc_t(0);
+          }
+          continue;
+        }
         const acc_t a = head_attn[pt];
         const acc_t w[4] = {s.w00(), s.w01(), s.w10(), s.w11()};
         acc_t v[4][VEC];
