@@ -16,7 +16,7 @@ export CUDA_HOME
 BUILD_STAMP := $(VENV)/.rtdetr-kernels-built
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup demo test bench gpu clean
+.PHONY: setup demo test bench gpu gpu-dry-run clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +44,12 @@ test: setup
 bench: setup
 	$(PY) -m pytest bench -q
 
+# The GPU machine has no network and its python already has torch: no .venv setup here.
 gpu:
-	bash bench/gpu_suite.sh
+	bash bench/gpu_suite.sh $(GPU_SUITE_ARGS)
+
+gpu-dry-run:
+	bash bench/gpu_suite.sh --dry-run
 
 clean:
 	rm -rf build *.egg-info kernels/_C*.so $(BUILD_STAMP)
