@@ -9,18 +9,22 @@ Public API:
 
 from . import backends
 from .backends import BackendUnavailableError, use_backend
+from .attention import aifi_attention
 from .ms_deform_attn import ms_deform_attn
+from .topk import topk_select
 
 __version__ = "0.1.0"
 
-__all__ = ["ms_deform_attn", "use_backend", "BackendUnavailableError", "explain", "backends", "__version__"]
+__all__ = ["ms_deform_attn", "aifi_attention", "topk_select", "use_backend", "BackendUnavailableError", "explain", "backends", "__version__"]
 
 
 def explain(op: str, *args, **kwargs) -> str:
     """Which backend would serve ``op(*args, **kwargs)`` and why the others would not."""
+    from .attention.op import explain as attention_explain
     from .ms_deform_attn.op import explain as msda_explain
+    from .topk.op import explain as topk_explain
 
-    explainers = {"ms_deform_attn": msda_explain}
+    explainers = {"ms_deform_attn": msda_explain, "aifi_attention": attention_explain, "topk_select": topk_explain}
     if op not in explainers:
         raise ValueError(f"op: expected one of {sorted(explainers)}, got {op!r}")
     return explainers[op](*args, **kwargs)

@@ -214,6 +214,17 @@ def select(call: Call, explicit: Optional[str] = None) -> str:
     raise BackendUnavailableError(f"{call.op}: no backend can serve this call: " + "; ".join(reasons))
 
 
+def choose(call: Call, explicit: Optional[str] = None) -> str:
+    """``select`` for use inside ops: under torch.compile the choice is made once, at trace time,
+    outside the graph (selection imports the extension and logs, which dynamo cannot trace)."""
+    return _choose_constant(call.op, call.device_type, call.dtypes, call.options, explicit)
+
+
+@torch.compiler.assume_constant_result
+def _choose_constant(op, device_type, dtypes, options, explicit) -> str:
+    return select(Call(op, device_type, dtypes, options), explicit)
+
+
 def explain(call: Call) -> str:
     """A line per backend saying whether it can serve ``call`` and why not."""
     lines = []

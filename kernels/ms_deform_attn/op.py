@@ -403,19 +403,12 @@ def ms_deform_attn(
     """
     problem = validate(value, spatial_shapes, sampling_locations, attention_weights, num_points_list,
                        method, discrete_clamp, level_start_index)
-    call = describe(problem)
-    chosen = _select(call.device_type, call.dtypes, call.options, backend)
+    chosen = backends.choose(describe(problem), backend)
     N, _, M, D = problem.value.shape
     run = _forward_op if _tracing() else _eager
     out = run(problem.value, problem.sampling_locations, problem.attention_weights, problem.flat_shapes,
               list(problem.points_per_level), problem.method, chosen)
     return out.reshape(N, out.shape[1], M * D)
-
-
-@torch.compiler.assume_constant_result
-def _select(device_type, dtypes, options, explicit) -> str:
-    # Plain constant arguments: under torch.compile the choice is made once, at trace time.
-    return backends.select(backends.Call(OP, device_type, dtypes, options), explicit)
 
 
 def _tracing() -> bool:
