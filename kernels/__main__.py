@@ -86,7 +86,32 @@ def check() -> int:
             names = ("out", "d_value", "d_loc", "d_weights")
             print(f"ms_deform_attn {device:<4} {backend:<9} {'ok  ' if ok else 'FAIL'} max rel err vs fp64 reference: "
                   + ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errors)))
+    failures += _check_attention_and_topk()
     return 1 if failures else 0
+
+
+def _check_attention_and_topk() -> int:
+    """The reference AIFI attention against nn.MultiheadAttention, top-K against torch.topk."""
+    from .attention import aifi_attention
+    from .topk import topk_select
+
+    failures = 0
+    mha = torch.nn.MultiheadAttention(256, 8, batch_first=True).double()
+    x, pos = torch.randn(2, 400, 256, dtype=torch.float64), torch.randn(1, 400, 256, dtype=torch.float64)
+    expected = mha(x + pos, x + pos, x, need_weights=False)[0]
+    got = aifi_attention(x, pos, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias, 8)
+    err = (got - expected).abs().max().item()
+    failures += not err < 1e-10
+    print(f"aifi_attention  cpu  reference {'ok  ' if err < 1e-10 else 'FAIL'} max abs err vs nn.MultiheadAttention (fp64): {err:.1e}")
+    logits = torch.randn(2, 8400, 80)
+    memory = torch.randn(2, 8400, 256)
+    scores, indices, (gathered,) = topk_select(logits, 300, (memory,))
+    ref_scores, ref_indices = logits.max(-1).values.topk(300, dim=1)
+    ok = torch.equal(indices, ref_indices) and torch.equal(scores, ref_scores) and torch.equal(
+        gathered, memory.gather(1, ref_indices.unsqueeze(-1).expand(-1, -1, 256)))
+    failures += not ok
+    print(f"topk_select     cpu  reference {'ok  ' if ok else 'FAIL'} indices, scores and gather equal to torch.topk (8400x80, k=300)")
+    return failures
 
 
 def main(argv=None) -> int:
