@@ -412,8 +412,11 @@ def ms_deform_attn(
 
 
 def _tracing() -> bool:
+    """True when the call must be visible as the registered op: compiling, exporting, jit tracing, or
+    under a TorchDispatchMode (make_fx, FakeTensorMode, FlopCounterMode, user modes)."""
     compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling()) or torch.jit.is_tracing()
+    return (bool(compiler is not None and compiler.is_compiling()) or torch.jit.is_tracing()
+            or torch._C._len_torch_dispatch_stack() > 0)
 
 
 def describe(problem: Problem) -> backends.Call:
