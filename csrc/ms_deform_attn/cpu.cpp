@@ -66,10 +66,16 @@ template <typename scalar_t, typename acc_t>
 void backward_cpu(const scalar_t* grad_out, const scalar_t* value, const acc_t* loc, const acc_t* attn,
                   acc_t* grad_value, acc_t* grad_loc, acc_t* grad_attn, const Problem& p) {
   const bool bilinear = p.method == kBilinear;
+  const bool point_grads = grad_attn != nullptr || grad_loc != nullptr;
   at::parallel_for(0, p.N * p.M, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> corner_value(4 * p.D);
     for (int64_t slice = begin; slice < end; ++slice) {
       const int64_t n = slice / p.M, m = slice % p.M;
+      // Two passes over the slice: location/weight grads (reading value), then grad_value (writing
+      // it), so that each pass keeps one ~1 MB slice of the [N, S, M, D] layout hot, not two.
+      for (int pass = 0; pass < 2; ++pass) {
+      const bool points_pass = pass == 0;
+      if (points_pass ? !point_grads : grad_value == nullptr) continue;
       for (int64_t q = 0; q < p.Lq; ++q) {
         const int64_t head = (n * p.Lq + q) * p.M + m;
         const scalar_t* g = grad_out + head * p.D;
@@ -86,6 +92,7 @@ void backward_cpu(const scalar_t* grad_out, const scalar_t* value, const acc_t* 
             for (int corner = 0; corner < 4; ++corner) {
               const int64_t y = s.y0 + (corner >> 1), x = s.x0 + (corner & 1);
               inside[corner] = corner_inside(y, x, H, W);
+              if (!points_pass) continue;  // grad_value needs no corner values
               acc_t* cv = corner_value.data() + corner * p.D;
               if (inside[corner]) {
                 const scalar_t* v = value + (level_row + (y * W + x) * p.M) * p.D;
@@ -98,8 +105,9 @@ void backward_cpu(const scalar_t* grad_out, const scalar_t* value, const acc_t* 
             const acc_t* v01 = v00 + p.D;
             const acc_t* v10 = v01 + p.D;
             const acc_t* v11 = v10 + p.D;
-            if (grad_attn != nullptr || grad_loc != nullptr) {
+            if (points_pass) {
               acc_t dot_s = 0, dot_x = 0, dot_y = 0;
+#pragma omp simd reduction(+ : dot_s, dot_x, dot_y)
               for (int64_t c = 0; c < p.D; ++c) {
                 const acc_t gc = static_cast<acc_t>(g[c]);
                 dot_s += gc * (w[0] * v00[c] + w[1] * v01[c] + w[2] * v10[c] + w[3] * v11[c]);
@@ -112,7 +120,7 @@ void backward_cpu(const scalar_t* grad_out, const scalar_t* value, const acc_t* 
                 grad_loc[2 * point + 1] = static_cast<acc_t>(H) * a * dot_y;
               }
             }
-            if (grad_value != nullptr) {
+            if (!points_pass) {
               for (int corner = 0; corner < 4; ++corner) {
                 if (!inside[corner] || w[corner] == acc_t(0)) continue;
                 const int64_t y = s.y0 + (corner >> 1), x = s.x0 + (corner & 1);
@@ -121,6 +129,7 @@ void backward_cpu(const scalar_t* grad_out, const scalar_t* value, const acc_t* 
             }
           }
         }
+      }
       }
     }
   });

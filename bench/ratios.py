@@ -1,0 +1,67 @@
+"""Ratios from one pytest-benchmark run of bench/test_ms_deform_attn.py.
+
+    python bench/ratios.py results.json [--markdown]
+
+For every (case, dtype, mode): each of our providers against each anchor (grid_sample eager and
+compiled, torch-ms-deform-attn), and deterministic against fast; a ratio > 1 means ours is faster.
+Times are the medians recorded in extra_info (CUDA events on GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+OURS = ("cuda", "triton", "cpu")
+ANCHORS = ("reference-grid-sample", "reference-grid-sample-compiled", "torch-ms-deform-attn")
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    groups = defaultdict(dict)
+    device = None
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if info.get("op") != "ms_deform_attn":
+            continue
+        shape = info["shape"]
+        key = (f"{shape['case']} N={shape['N']} Lq={shape['Lq']}", info["dtype"], info["mode"])
+        ms = info.get("cuda_event_median_ms", info.get("median_ms", bench["stats"]["median"] * 1e3))
+        groups[key][info["provider"]] = ms
+        device = info.get("device", device)
+    return device, groups
+
+
+def rows(groups):
+    out = []
+    for key in sorted(groups):
+        times = groups[key]
+        for ours in OURS:
+            if ours not in times:
+                continue
+            for anchor in ANCHORS:
+                if anchor in times:
+                    out.append((*key, f"{ours} vs {anchor}", times[ours], times[anchor], times[anchor] / times[ours]))
+            det = ours + "-deterministic"
+            if det in times:
+                out.append((*key, f"{det} vs {ours}", times[det], times[ours], times[ours] / times[det]))
+    return out
+
+
+def main(argv):
+    if not argv:
+        print(__doc__)
+        return 2
+    device, groups = load(argv[0])
+    print(f"device: {device}\n")
+    print("| case | dtype | mode | comparison | ours ms | other ms | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for case, dtype, mode, what, ours, other, ratio in rows(groups):
+        print(f"| {case} | {dtype} | {mode} | {what} | {ours:.3f} | {other:.3f} | {ratio:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,221 @@
+"""Microbenchmarks of ms_deform_attn (pytest-benchmark): our backends against the anchors.
+
+Shapes: the RT-DETR decoder at 640 px (S=8400) and 800 px (S=13125), Lq 300/500, N 1/8/32, M=8,
+D=32, L=3, P=4, plus one Deformable-DETR encoder shape (Lq = S = 5440, L=4). Modes: forward,
+backward (grads of all three inputs from a retained graph), forward+backward. Providers: our
+backends usable on the device (cpu on CPU; cuda and triton, each also in deterministic mode, on
+GPU), RT-DETR's grid_sample core eager and under torch.compile, and the PyPI package
+torch-ms-deform-attn when it is installed (optional; never a requirement).
+
+On CPU only N in {1, 8} with Lq 300 (and the encoder shape) run: the grid_sample reference takes
+seconds per call beyond that. torch.compile runs on CPU at the smallest case only (mark
+`compiled`). Every provider's output and three gradients are checked against the float64 reference
+before it is timed. GPU times are CUDA-event medians (extra_info['cuda_event_median_ms']); peak
+memory of forward+backward is in extra_info['peak_mem_mb']. `python bench/ratios.py JSON` prints
+the ratios from one run.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+
+import pytest
+import torch
+
+import rtdetr_kernels
+from rtdetr_kernels import backends
+from rtdetr_kernels.ms_deform_attn.reference import ms_deform_attn_grid_sample
+
+from conftest import budget_left, device_name, quick
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DECODER_640 = ((80, 80), (40, 40), (20, 20))
+DECODER_800 = ((100, 100), (50, 50), (25, 25))
+ENCODER = ((64, 64), (32, 32), (16, 16), (8, 8))
+
+
+def _cases():
+    cases = []
+    for name, shapes in (("decoder640", DECODER_640), ("decoder800", DECODER_800)):
+        for lq in (300, 500):
+            for n in (1, 8, 32):
+                if quick() and (name != "decoder640" or lq != 300 or n == 32):
+                    continue
+                if DEVICE == "cpu" and (n == 32 or (lq == 500 and n != 1)):
+                    continue
+                cases.append((name, shapes, n, lq))
+    if not quick():
+        cases.append(("encoder", ENCODER, 1, sum(h * w for h, w in ENCODER)))
+    return cases
+
+
+CASES = _cases()
+DTYPES = [torch.float32] if DEVICE == "cpu" or quick() else [torch.float32, torch.float16, torch.bfloat16]
+MODES = ["forward", "backward", "forward+backward"]
+
+
+def _ours():
+    names = []
+    for backend in ("cuda", "triton", "cpu"):
+        if backends.why_not(backend, backends.Call("ms_deform_attn", DEVICE, (torch.float32,) * 3)) is None:
+            names.append(backend)
+            if DEVICE == "cuda":
+                names.append(backend + "-deterministic")
+    return names
+
+
+def _pypi():
+    try:
+        import torch_ms_deform_attn  # noqa: F401
+
+        return ["torch-ms-deform-attn"]
+    except ImportError:
+        return []
+
+
+PROVIDERS = _ours() + ["reference-grid-sample", "reference-grid-sample-compiled"] + _pypi()
+
+
+@functools.lru_cache(maxsize=None)
+def _inputs(shapes, n, lq, dtype):
+    gen = torch.Generator().manual_seed(n * 1000 + lq)
+    S = sum(h * w for h, w in shapes)
+    L, M, D, P = len(shapes), 8, 32, 4
+    value = torch.randn(n, S, M, D, generator=gen)
+    loc = torch.rand(n, lq, M, L, P, 2, generator=gen) * 1.1 - 0.05
+    weights = torch.randn(n, lq, M, L * P, generator=gen).softmax(-1).view(n, lq, M, L, P)
+    grad = torch.randn(n, lq, M * D, generator=gen)
+    # AMP's layout: value in the low precision, locations and weights in float32
+    return value.to(DEVICE, dtype), loc.to(DEVICE), weights.to(DEVICE), grad.to(DEVICE, dtype)
+
+
+def _function(provider, shapes):
+    shapes_list = [list(s) for s in shapes]
+    # grid_sample needs one dtype; under AMP it runs in the widest (float32), which is what a
+    # drop-in kernel has to match, so the reference gets float32 for low-precision value too
+    if provider == "reference-grid-sample":
+        return lambda v, l, w: ms_deform_attn_grid_sample(v.float(), shapes, l, w).to(v.dtype)
+    if provider == "reference-grid-sample-compiled":
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 256)
+        compiled = torch.compile(ms_deform_attn_grid_sample, dynamic=False)
+        return lambda v, l, w: compiled(v.float(), shapes, l, w).to(v.dtype)
+    if provider == "torch-ms-deform-attn":
+        from torch_ms_deform_attn import ms_deform_attn as pypi_msda
+
+        shape_t = torch.tensor(shapes_list, device=DEVICE)
+        starts = torch.cat([shape_t.new_zeros(1), (shape_t[:, 0] * shape_t[:, 1]).cumsum(0)[:-1]])
+        # that package wants weights in value's dtype
+        return lambda v, l, w: pypi_msda(v, shape_t, starts, l.to(v.dtype), w.to(v.dtype))
+    backend = provider.split("-")[0]
+    return lambda v, l, w: rtdetr_kernels.ms_deform_attn(v, shapes_list, l, w, backend=backend)
+
+
+def _deterministic(provider):
+    return provider.endswith("-deterministic")
+
+
+def _check(provider, fn, shapes, n, lq, dtype):
+    """Forward and all three grads against the float64 reference before anything is timed."""
+    v, l, w, g = _inputs(shapes, n, min(lq, 64) if lq > 64 else lq, dtype)
+    v, l, w, g = v[:1], l[:1], w[:1], g[:1]  # one image is enough for correctness
+    args = [t.detach().clone().requires_grad_() for t in (v, l, w)]
+    with torch.autograd.set_grad_enabled(True):
+        out = fn(*args)
+        grads = torch.autograd.grad(out, args, g)
+    ref_args = [t.detach().double().requires_grad_() for t in (v, l, w)]
+    ref = rtdetr_kernels.ms_deform_attn(ref_args[0], [list(s) for s in shapes], ref_args[1], ref_args[2], backend="reference")
+    ref_grads = torch.autograd.grad(ref, ref_args, g.double())
+    # fp32: accumulated rounding over 48 samples; fp16/bf16 output is rounded once at the end
+    tol = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    for name, got, exp in zip(("out", "d_value", "d_loc", "d_weights"), (out,) + grads, (ref,) + ref_grads):
+        scale = exp.abs().max().item() or 1.0
+        err = (got.double() - exp).abs().max().item() / scale
+        assert err < tol, f"{provider} {name}: relative error {err:.2e} >= {tol} before timing"
+
+
+def _timer(fn, rounds):
+    """Median of CUDA-event times (GPU) or wall times (CPU), in ms, after a warm-up."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(rounds):
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-N{c[2]}-Lq{c[3]}")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_ms_deform_attn(benchmark, provider, case, dtype, mode):
+    name, shapes, n, lq = case
+    if provider == "reference-grid-sample-compiled" and DEVICE == "cpu" and case != CASES[0]:
+        pytest.skip("torch.compile of the reference runs on CPU at the smallest case only")
+    if provider == "torch-ms-deform-attn" and DEVICE == "cpu" and dtype != torch.float32:
+        pytest.skip("compared in float32 on CPU")
+    if budget_left() <= 0:
+        pytest.skip("benchmark time budget spent")
+    fn = _function(provider, shapes)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(_deterministic(provider))
+    try:
+        _check(provider, fn, shapes, n, lq, dtype)
+        v, l, w, g = _inputs(shapes, n, lq, dtype)
+        leaves = [t.detach().clone().requires_grad_(mode != "forward") for t in (v, l, w)]
+
+        if mode == "forward":
+            def run():
+                with torch.no_grad():
+                    return fn(*leaves)
+        elif mode == "backward":
+            out = fn(*leaves)
+
+            def run():
+                return torch.autograd.grad(out, leaves, g, retain_graph=True)
+        else:
+            def run():
+                return torch.autograd.grad(fn(*leaves), leaves, g)
+
+        def synced():
+            result = run()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            return result
+
+        slow = DEVICE == "cpu" and provider.startswith("reference") and n >= 8
+        rounds = 3 if slow else (10 if DEVICE == "cpu" else 50)
+        median_ms = _timer(run, rounds)
+        peak_mb = None
+        if DEVICE == "cuda" and mode == "forward+backward":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run()
+            torch.cuda.synchronize()
+            peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        benchmark.extra_info.update(
+            op="ms_deform_attn", provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
+            shape={"case": name, "N": n, "Lq": lq, "S": sum(h * w for h, w in shapes), "M": 8, "D": 32,
+                   "L": len(shapes), "P": 4},
+            device=device_name(DEVICE), median_ms=median_ms)
+        if DEVICE == "cuda":
+            benchmark.extra_info["cuda_event_median_ms"] = median_ms
+        if peak_mb is not None:
+            benchmark.extra_info["peak_mem_mb"] = peak_mb
+        benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=1)
+    finally:
+        torch.use_deterministic_algorithms(previous)
