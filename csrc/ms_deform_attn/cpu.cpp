@@ -76,6 +76,10 @@ void backward_cpu(const scalar_t* grad_out, const scalar_t* value, const acc_t* 
       for (int pass = 0; pass < 2; ++pass) {
       const bool points_pass = pass == 0;
       if (points_pass ? !point_grads : grad_value == nullptr) continue;
+      if (!points_pass) {  // each task zeroes its own slice of grad_value, just before it is used
+        for (int64_t row = n * p.S * p.M + m; row < (n + 1) * p.S * p.M; row += p.M)
+          std::fill(grad_value + row * p.D, grad_value + (row + 1) * p.D, acc_t(0));
+      }
       for (int64_t q = 0; q < p.Lq; ++q) {
         const int64_t head = (n * p.Lq + q) * p.M + m;
         const scalar_t* g = grad_out + head * p.D;
@@ -164,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
   const at::Tensor loc = as_coord(loc_in, coord), attn = as_coord(attn_in, coord);
   const auto acc_opts = value.options().dtype(coord);
   // Gradients are accumulated in the math type and cast once at the end.
-  at::Tensor grad_value = need_value ? at::zeros(value.sizes(), acc_opts) : at::Tensor();
+  at::Tensor grad_value = need_value ? at::empty(value.sizes(), acc_opts) : at::Tensor();  // zeroed per slice
   at::Tensor grad_loc = need_loc ? at::zeros(loc.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_attn = need_attn ? at::zeros(attn.sizes(), acc_opts) : at::Tensor();
   if (p.N * p.Lq * p.M * p.D > 0) {
@@ -175,6 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
                                     need_loc ? grad_loc.data_ptr<acc_t>() : nullptr,
                                     need_attn ? grad_attn.data_ptr<acc_t>() : nullptr, p);
     });
+  } else if (need_value) {
+    grad_value.zero_();  // no query samples anything: the kernel (which zeroes per slice) did not run
   }
   auto finish = [](const at::Tensor& grad, const at::Tensor& like, bool needed) {
     return needed ? grad.to(like.scalar_type()) : like.new_empty({0});
