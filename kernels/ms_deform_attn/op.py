@@ -305,17 +305,20 @@ def _setup_context(ctx, inputs, output):
     ctx.meta = (shapes, points, method, backend)
 
 
-def _backward(ctx, grad_output):
+def _grads(ctx, grad_output, backward):
+    """The autograd backward of both paths; ``backward`` is the custom op or the plain function."""
     value, loc, weights = ctx.saved_tensors
     shapes, points, method, backend = ctx.meta
-    need_value, need_loc, need_weights = ctx.needs_input_grad[:3]
-    if not (need_value or need_loc or need_weights):
-        return None, None, None, None, None, None, None
-    grad_value, grad_loc, grad_weights = _backward_op(
-        grad_output, value, loc, weights, shapes, points, method, backend,
-        need_value, need_loc, need_weights, torch.are_deterministic_algorithms_enabled())
-    return (grad_value if need_value else None, grad_loc if need_loc else None,
-            grad_weights if need_weights else None, None, None, None, None)
+    need = ctx.needs_input_grad[:3]
+    if not any(need):
+        return (None,) * 7
+    grads = backward(grad_output, value, loc, weights, shapes, points, method, backend, *need,
+                     torch.are_deterministic_algorithms_enabled())
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
+
+
+def _backward(ctx, grad_output):
+    return _grads(ctx, grad_output, _backward_op)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -328,19 +331,13 @@ class _EagerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value, loc, weights, shapes, points, method, backend):
-        ctx.save_for_backward(value, loc, weights)
-        ctx.meta = (shapes, points, method, backend)
+        _setup_context(ctx, (value, loc, weights, shapes, points, method, backend), None)
         return _run_forward(value, loc, weights, shapes, points, method, backend)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        value, loc, weights = ctx.saved_tensors
-        shapes, points, method, backend = ctx.meta
-        need = ctx.needs_input_grad[:3]
-        grads = _run_backward(grad_output, value, loc, weights, shapes, points, method, backend, *need,
-                              torch.are_deterministic_algorithms_enabled())
-        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
+        return _grads(ctx, grad_output, _run_backward)
 
 
 def _eager(value, loc, weights, shapes, points, method, backend):
