@@ -7,6 +7,7 @@ from typing import List, Tuple
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rtdetr_kernels import backends
 
@@ -37,3 +38,17 @@ def skip_if_interpreted_bf16(device: str, backend: str, dtype: torch.dtype) -> N
     """bf16 arithmetic is wrong in the Triton interpreter (stored as uint16); test bf16 on GPU."""
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("bf16 is not supported by the Triton interpreter")
+
+
+class OpCalls(TorchDispatchMode):
+    """Records the arguments of every call to the registered op ``rtdetr_kernels::<name>``."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.qualname = f"rtdetr_kernels.{name}.default"
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) == self.qualname:
+            self.calls.append(args)
+        return func(*args, **(kwargs or {}))

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rtdetr_kernels
+from helpers import OpCalls
 from rtdetr_kernels import BackendUnavailableError, backends
 from rtdetr_kernels.attention import aifi_attention, aifi_attention_reference
 from rtdetr_kernels.attention import op as attention_op
@@ -162,17 +162,6 @@ def test_gradcheck_float64(mask_kind):
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-class _RecordBackwardNeeds(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.needs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "aifi_attention_backward" in str(func):
-            self.needs.append(list(args[-1]))
-        return func(*args, **(kwargs or {}))
-
-
 def test_backward_computes_only_the_needed_grads():
     mha = _mha(64, 4)
     x, pos = _inputs(2, 7, 64)
@@ -180,9 +169,9 @@ def test_backward_computes_only_the_needed_grads():
         p.requires_grad_(False)
     x.requires_grad_()
     out = aifi_attention(x, pos, *_params(mha), 4)
-    with _RecordBackwardNeeds() as spy:
+    with OpCalls("aifi_attention_backward") as spy:
         out.backward(torch.randn_like(out))
-    assert spy.needs == [[True, False, False, False, False, False]]
+    assert [list(call[-1]) for call in spy.calls] == [[True, False, False, False, False, False]]
     assert x.grad is not None and pos.grad is None
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rtdetr_kernels
-from helpers import backend_params, interpreter
+from helpers import OpCalls, backend_params, interpreter
 from msda_oracle import SCALED_TOL, assert_close_scaled, best_float_dtype, make_inputs, oracle, run, to_v1
 from rtdetr_kernels import BackendUnavailableError, backends, use_backend
 from rtdetr_kernels.ms_deform_attn import op as msda_op
@@ -320,24 +319,11 @@ def test_torch_compile_fullgraph_dynamic_queries(device, backend):
 # --------------------------------------------------------------------------------------------
 
 
-class _RecordBackend(TorchDispatchMode):
-    """Records the backend name the public wrapper resolved (the custom op's last argument)."""
-
-    def __init__(self):
-        super().__init__()
-        self.backends = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "rtdetr_kernels.ms_deform_attn.default" in str(func):
-            self.backends.append(args[-1])
-        return func(*args, **(kwargs or {}))
-
-
 def _served_by(*args, **kwargs) -> str:
-    with _RecordBackend() as spy:
+    with OpCalls("ms_deform_attn") as spy:
         rtdetr_kernels.ms_deform_attn(*args, **kwargs)
-    assert len(spy.backends) == 1
-    return spy.backends[0]
+    assert len(spy.calls) == 1
+    return spy.calls[0][-1]  # the backend name the public wrapper resolved
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

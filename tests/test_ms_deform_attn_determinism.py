@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import backend_params, interpreter
+from helpers import OpCalls, backend_params, interpreter
 from msda_oracle import SCALED_TOL, check_against_oracle, make_inputs, oracle, run
 
 BACKENDS = backend_params("ms_deform_attn")
@@ -51,17 +50,6 @@ def _colliding_inputs(dtype, LQ, D):
     return inputs
 
 
-class _RecordDeterministicFlag(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.flags = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "rtdetr_kernels.ms_deform_attn_backward.default" in str(func):
-            self.flags.append(args[-1])
-        return func(*args, **(kwargs or {}))
-
-
 def _run(device, backend, dtype):
     inputs = _colliding_inputs(dtype, *_sizes(device, backend))
     return inputs, run(backend, device, inputs["value"], SHAPES, inputs["loc"], inputs["weights"], inputs["grad_out"],
@@ -71,9 +59,9 @@ def _run(device, backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_deterministic_mode_is_bitwise_reproducible(device, backend, dtype, deterministic):
-    with _RecordDeterministicFlag() as spy:
+    with OpCalls("ms_deform_attn_backward") as spy:
         inputs, first = _run(device, backend, dtype)
-    assert spy.flags == [True], "the backward op was not told to be deterministic"
+    assert [call[-1] for call in spy.calls] == [True], "the backward op was not told to be deterministic"
     _, second = _run(device, backend, dtype)
     for name, a, b in zip(("output", "grad_value", "grad_locations", "grad_weights"), first, second):
         assert torch.equal(a, b), f"{backend} {name}: runs differ by up to {float((a - b).abs().max()):.3e}"

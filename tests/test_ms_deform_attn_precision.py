@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rtdetr_kernels
-from helpers import backend_params, interpreter, skip_if_interpreted_bf16
+from helpers import OpCalls, backend_params, interpreter, skip_if_interpreted_bf16
 from msda_oracle import make_inputs, oracle, run, to_v1
 from rtdetr_kernels.ms_deform_attn import ms_deform_attn_grid_sample
 
@@ -103,19 +102,6 @@ def test_low_precision_vs_oracle(device, backend, name, value_dtype, loc_dtype):
     _check_both_rules(result, inputs, SHAPES, expected, value_dtype, loc_dtype, f"{backend}/{name}")
 
 
-class _RecordMsdaDtypes(TorchDispatchMode):
-    """Records the dtypes of the tensors that reach the ms_deform_attn custom op (after autocast)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "rtdetr_kernels.ms_deform_attn.default" in str(func):
-            self.calls.append([a.dtype for a in args if isinstance(a, torch.Tensor)])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_autocast_bf16(device, backend):
     """torch.autocast(bf16) around float32 inputs: value runs in bf16, locations and weights stay
@@ -126,9 +112,11 @@ def test_autocast_bf16(device, backend):
     inputs = make_inputs(21, N, Lq, M, D, SHAPES, POINTS, dtype=torch.bfloat16, loc_dtype=torch.float32)
     loc, weights = to_v1(inputs["loc"], inputs["weights"], len(SHAPES))
     tensors = [t.to(device=device, dtype=torch.float32).requires_grad_() for t in (inputs["value"], loc, weights)]
-    with _RecordMsdaDtypes() as spy, torch.autocast(device, dtype=torch.bfloat16):
+    with OpCalls("ms_deform_attn") as spy, torch.autocast(device, dtype=torch.bfloat16):
         out = rtdetr_kernels.ms_deform_attn(tensors[0], SHAPES, tensors[1], tensors[2], backend=backend)
-    assert spy.calls == [[torch.bfloat16, torch.float32, torch.float32]]
+    # the dtypes that reach the registered op, after the autocast policy
+    assert [[a.dtype for a in call if isinstance(a, torch.Tensor)] for call in spy.calls] == [
+        [torch.bfloat16, torch.float32, torch.float32]]
     assert out.dtype == torch.bfloat16
     out.backward(inputs["grad_out"].to(device=device, dtype=torch.bfloat16))
     assert [t.grad.dtype for t in tensors] == [torch.float32] * 3

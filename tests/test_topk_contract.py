@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rtdetr_kernels
+from helpers import OpCalls
 from rtdetr_kernels import BackendUnavailableError, backends
 from rtdetr_kernels.topk import topk_select, topk_select_flat, topk_select_reference
 
@@ -154,24 +154,13 @@ def test_backward_matches_autograd_of_plain_torch():
         torch.testing.assert_close(got.grad, want.grad, atol=0, rtol=0)
 
 
-class _RecordBackward(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "topk_select_backward" in str(func):
-            self.calls.append((args[6], list(args[7])))  # need_logits, need_gather
-        return func(*args, **(kwargs or {}))
-
-
 def test_backward_computes_only_the_needed_grads():
     memory, logits, coords = _rtdetr_like(2, 30, 4, 8)
     memory.requires_grad_()
     scores, _, (g_memory, g_coords) = topk_select(logits, 10, (memory, coords))
-    with _RecordBackward() as spy:
+    with OpCalls("topk_select_backward") as spy:
         (g_memory * torch.randn_like(g_memory)).sum().backward()
-    assert spy.calls == [(False, [True, False])]
+    assert [(call[6], list(call[7])) for call in spy.calls] == [(False, [True, False])]  # need_logits, need_gather
     assert memory.grad is not None and logits.grad is None and coords.grad is None
 
 
