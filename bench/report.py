@@ -21,6 +21,10 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from collect_results import _fmt_time as fmt_time  # noqa: E402  (bench/ is not a package)
+from collect_results import _md_escape as _cell  # noqa: E402
+
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,20 +67,6 @@ def resolve(results: Optional[str], root: str, include_dry_run: bool) -> Tuple[s
     if latest is None:
         raise SystemExit(f"report.py: no results.json under {root} (run bench/gpu_suite.sh on a GPU machine first)")
     return latest
-
-
-def fmt_time(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    if seconds >= 1:
-        return f"{seconds:.3g} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.3g} ms"
-    return f"{seconds * 1e6:.3g} µs"
-
-
-def _cell(x: Any) -> str:
-    return str(x).replace("|", "\\|").replace("\n", " ")
 
 
 def header_line(r: Dict[str, Any]) -> str:

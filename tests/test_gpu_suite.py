@@ -254,7 +254,7 @@ def test_report_markdown_and_readme(tmp_path):
     table = report.render_markdown(_results("2026-11-05T12:00:00", "NVIDIA H200"))
     assert "Measured on **NVIDIA H200** on 2026-11-05" in table
     assert "commit 0123456789" in table
-    assert "| msda fwd | fwd[cuda] | 250 µs | 8.00x |" in table
+    assert "| msda fwd | fwd[cuda] | 250 us | 8.00x |" in table
     assert "| model | batch | speedup |" in table and "| r50 | 1 | 1.234 |" in table
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{report.START}\nold\n{report.END}\n\nafter\n")
