@@ -73,6 +73,8 @@ class MSDeformableAttention(nn.Module):
         self.num_points = num_points_list[0]
         self.num_points_list = num_points_list
         self.method = method
+        # how `discrete` clamps x: per axis (to W-1); upstream clamps it to H-1 (see deformable_attention_core_func_v2)
+        self.discrete_clamp = "per_axis"
         self.offset_scale = offset_scale
         self.version = version
         self.head_dim = embed_dim // num_heads

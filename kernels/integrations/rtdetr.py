@@ -34,11 +34,13 @@ class Patch:
 
 
 def apply_to_rtdetr(model: nn.Module, msda: bool = True, backend: Optional[str] = None,
-                    discrete_clamp: str = "official") -> Patch:
+                    discrete_clamp: Optional[str] = None) -> Patch:
     """Swap every MSDA sampling core of ``model`` for ``rtdetr_kernels.ms_deform_attn``.
 
-    ``discrete_clamp`` applies to RT-DETRv2's discrete sampling; 'official' keeps upstream's
-    behaviour (both coordinates clamped to H-1), 'per_axis' is the corrected clamp.
+    v2 modules (they have the ``num_points_scale`` buffer) keep their sampling ``method`` ('default' or
+    'discrete'). ``discrete_clamp`` is how discrete sampling clamps x: None takes the module's own
+    ``discrete_clamp`` attribute (the reference model in ``rtdetr`` declares 'per_axis') and falls back
+    to 'official', upstream's clamp of both coordinates to H-1, so a patched upstream model is unchanged.
     """
     replaced = []
     if msda:
@@ -46,8 +48,11 @@ def apply_to_rtdetr(model: nn.Module, msda: bool = True, backend: Optional[str] 
             original = getattr(module, _ATTR, None)
             if original is None:
                 continue
-            if hasattr(module, "num_points_list"):
-                core = functools.partial(kernel_nn.deformable_attention_core_func_v2, discrete_clamp=discrete_clamp)
+            if hasattr(module, "num_points_scale"):  # RT-DETRv2's module (v1 has no such buffer)
+                method = getattr(module, "method", None) or getattr(original, "keywords", {}).get("method", "default")
+                clamp = discrete_clamp or getattr(module, "discrete_clamp", "official")
+                core = functools.partial(kernel_nn.deformable_attention_core_func_v2, method=method,
+                                         discrete_clamp=clamp)
             else:
                 core = kernel_nn.deformable_attention_core_func
             if backend is not None:
