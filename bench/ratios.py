@@ -1,10 +1,11 @@
 """Ratios from one pytest-benchmark run of bench/test_ms_deform_attn.py.
 
-    python bench/ratios.py results.json [--markdown]
+    python bench/ratios.py results.json [--markdown] [--stat median|min]
 
 For every (case, dtype, mode): each of our providers against each anchor (grid_sample eager and
 compiled, torch-ms-deform-attn), and deterministic against fast; a ratio > 1 means ours is faster.
-Times are the medians recorded in extra_info (CUDA events on GPU).
+Times are the medians recorded in extra_info (CUDA events on GPU), or with --stat min the minimum
+over the rounds (the steadier statistic on a shared CPU host, where interference only adds time).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ OURS = ("cuda", "triton", "cpu")
 ANCHORS = ("reference-grid-sample", "reference-grid-sample-compiled", "torch-ms-deform-attn")
 
 
-def load(path):
+def load(path, stat="median"):
     with open(path) as f:
         data = json.load(f)
     groups = defaultdict(dict)
@@ -28,7 +29,10 @@ def load(path):
             continue
         shape = info["shape"]
         key = (f"{shape['case']} N={shape['N']} Lq={shape['Lq']}", info["dtype"], info["mode"])
-        ms = info.get("cuda_event_median_ms", info.get("median_ms", bench["stats"]["median"] * 1e3))
+        if stat == "min":
+            ms = info.get("min_ms", bench["stats"]["min"] * 1e3)
+        else:
+            ms = info.get("cuda_event_median_ms", info.get("median_ms", bench["stats"]["median"] * 1e3))
         groups[key][info["provider"]] = ms
         device = info.get("device", device)
     return device, groups
@@ -54,8 +58,12 @@ def main(argv):
     if not argv:
         print(__doc__)
         return 2
-    device, groups = load(argv[0])
-    print(f"device: {device}\n")
+    stat = argv[argv.index("--stat") + 1] if "--stat" in argv else "median"
+    if stat not in ("median", "min"):
+        print(f"--stat must be median or min, got {stat!r}")
+        return 2
+    device, groups = load(argv[0], stat)
+    print(f"device: {device}; statistic: {stat} per provider\n")
     print("| case | dtype | mode | comparison | ours ms | other ms | speedup |")
     print("|---|---|---|---|---|---|---|")
     for case, dtype, mode, what, ours, other, ratio in rows(groups):

@@ -23,6 +23,12 @@ TORCH_LIBRARY(rtdetr_kernels_C, m) {
 #define RTDETR_CUDA_VERSION ""
 #endif
 
+namespace rtdetr_kernels {
+namespace msda {
+const char* cpu_isa();  // cpu.cpp: which build of the CPU kernels this machine runs
+}  // namespace msda
+}  // namespace rtdetr_kernels
+
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "rtdetr_kernels compiled ops", -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
@@ -35,6 +41,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 #endif
   PyModule_AddStringConstant(module, "CUDA_ARCHS", RTDETR_CUDA_ARCHS);
   PyModule_AddStringConstant(module, "CUDA_VERSION", RTDETR_CUDA_VERSION);
+  PyModule_AddStringConstant(module, "CPU_ISA", rtdetr_kernels::msda::cpu_isa());
   PyModule_AddStringConstant(module, "OPS", "ms_deform_attn_forward,ms_deform_attn_backward");
   return module;
 }

@@ -30,7 +30,7 @@ def info() -> str:
         lines.append(f"extension rtdetr_kernels._C: not available ({backends.extension_error()})")
     else:
         cuda = f"with CUDA {ext.CUDA_VERSION} kernels for archs {ext.CUDA_ARCHS}" if ext.WITH_CUDA else "CPU kernels only (built without CUDA)"
-        lines.append(f"extension rtdetr_kernels._C: built, {cuda}; ops: {ext.OPS}")
+        lines.append(f"extension rtdetr_kernels._C: built, {cuda}; CPU kernels: {ext.CPU_ISA} build; ops: {ext.OPS}")
         for op in ext.OPS.split(","):
             keys = [key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(f"rtdetr_kernels_C::{op}", key)]
             lines.append(f"  rtdetr_kernels_C::{op}: kernels for {', '.join(keys) or 'no device'}")

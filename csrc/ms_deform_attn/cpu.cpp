@@ -1,141 +1,98 @@
 // Multi-scale deformable attention on the CPU: forward and one fused backward.
 //
-// Forward: at::parallel_for over (n, q, m) heads; each head accumulates its D channels in the math
-// type over all points. Backward: parallel over (n, m) slices, each owning its slice of grad_value and
-// walking the queries in order, so the result is deterministic for any thread count and needs no
-// atomics; the location and weight grads of a point are reduced over channels in the same pass.
+// The loop nests live in cpu_kernels.h, compiled here twice: for x86-64 CPUs with AVX2 and FMA
+// (chosen at run time when the CPU has them) and for the baseline instruction set. The environment
+// variable RTDETR_KERNELS_CPU_ISA=baseline forces the baseline build (tests run both).
+// Backward: deterministic for any thread count (no atomics; see cpu_kernels.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn/host.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RTDETR_CPU_AVX2 1
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace rtdetr_kernels {
 namespace msda {
+
+namespace isa_baseline {
+#include "ms_deform_attn/cpu_kernels.h"
+}  // namespace isa_baseline
+
+#ifdef RTDETR_CPU_AVX2
+namespace isa_avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "ms_deform_attn/cpu_kernels.h"
+#pragma GCC pop_options
+}  // namespace isa_avx2
+#endif
+
+// Which build of the kernels runs: "avx2" or "baseline".
+const char* cpu_isa() {
+  const char* forced = std::getenv("RTDETR_KERNELS_CPU_ISA");
+  if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return "baseline";
+#ifdef RTDETR_CPU_AVX2
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (has_avx2) return "avx2";
+#endif
+  return "baseline";
+}
+
 namespace {
 
-// acc[c] += alpha * x[c]; the restrict qualifiers let the compiler vectorise the loop.
-template <typename scalar_t, typename acc_t>
-inline void axpy(acc_t* __restrict__ acc, const scalar_t* __restrict__ x, acc_t alpha, int64_t n) {
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) acc[c] += alpha * static_cast<acc_t>(x[c]);
+// A large fresh buffer (grad_value is as big as value: 69 MB at batch 8 and 640 px) comes from mmap,
+// and first touching it page by page can cost as much as the kernel itself. Ask for transparent huge
+// pages on its 2 MB-aligned interior before it is touched (a hint: a no-op where THP is off, or when
+// the memory was already touched, or off Linux).
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.numel() * t.element_size();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first && last - first >= 2 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 template <typename scalar_t, typename acc_t>
 void forward_cpu(const scalar_t* value, const acc_t* loc, const acc_t* attn, scalar_t* out, const Problem& p) {
   const int64_t heads = p.N * p.Lq * p.M;
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, p.P * p.D));
-  // Walk the heads in (n, m, q) order: consecutive iterations read the same (n, m) slice of value
-  // (S x D entries, about 1 MB at RT-DETR sizes), which then stays in cache.
+  const bool avx2 = std::strcmp(cpu_isa(), "avx2") == 0;
   at::parallel_for(0, heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(p.D);
-    for (int64_t index = begin; index < end; ++index) {
-      const int64_t q = index % p.Lq;
-      const int64_t m = (index / p.Lq) % p.M;
-      const int64_t n = index / (p.Lq * p.M);
-      const int64_t head = (n * p.Lq + q) * p.M + m;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      const acc_t* head_loc = loc + head * p.P * 2;
-      const acc_t* head_attn = attn + head * p.P;
-      for (int l = 0; l < p.levels.num_levels; ++l) {
-        const int64_t H = p.levels.height[l], W = p.levels.width[l];
-        const scalar_t* level_value = value + ((n * p.S + p.levels.start[l]) * p.M + m) * p.D;
-        for (int64_t pt = p.levels.point_start[l]; pt < p.levels.point_start[l] + p.levels.num_points[l]; ++pt) {
-          const Sample<acc_t> s = sample_point(head_loc[2 * pt], head_loc[2 * pt + 1], H, W, p.method);
-          if (!s.valid) continue;
-          const acc_t a = head_attn[pt];
-          const acc_t w[4] = {s.w00(), s.w01(), s.w10(), s.w11()};
-          for (int corner = 0; corner < 4; ++corner) {
-            const int64_t y = s.y0 + (corner >> 1), x = s.x0 + (corner & 1);
-            if (w[corner] == acc_t(0) || !corner_inside(y, x, H, W)) continue;
-            const acc_t aw = a * w[corner];
-            axpy(acc.data(), level_value + (y * W + x) * p.M * p.D, aw, p.D);
-          }
-        }
-      }
-      scalar_t* o = out + head * p.D;
-      for (int64_t c = 0; c < p.D; ++c) o[c] = static_cast<scalar_t>(acc[c]);
-    }
+#ifdef RTDETR_CPU_AVX2
+    if (avx2) return isa_avx2::forward<scalar_t, acc_t>(begin, end, value, loc, attn, out, p);
+#endif
+    (void)avx2;
+    isa_baseline::forward<scalar_t, acc_t>(begin, end, value, loc, attn, out, p);
   });
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_cpu(const scalar_t* grad_out, const scalar_t* value, const acc_t* loc, const acc_t* attn,
                   acc_t* grad_value, acc_t* grad_loc, acc_t* grad_attn, const Problem& p) {
-  const bool bilinear = p.method == kBilinear;
-  const bool point_grads = grad_attn != nullptr || grad_loc != nullptr;
+  const bool avx2 = std::strcmp(cpu_isa(), "avx2") == 0;
   at::parallel_for(0, p.N * p.M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> corner_value(4 * p.D);
-    for (int64_t slice = begin; slice < end; ++slice) {
-      const int64_t n = slice / p.M, m = slice % p.M;
-      // Two passes over the slice: location/weight grads (reading value), then grad_value (writing
-      // it), so that each pass keeps one ~1 MB slice of the [N, S, M, D] layout hot, not two.
-      for (int pass = 0; pass < 2; ++pass) {
-      const bool points_pass = pass == 0;
-      if (points_pass ? !point_grads : grad_value == nullptr) continue;
-      if (!points_pass) {  // each task zeroes its own slice of grad_value, just before it is used
-        for (int64_t row = n * p.S * p.M + m; row < (n + 1) * p.S * p.M; row += p.M)
-          std::fill(grad_value + row * p.D, grad_value + (row + 1) * p.D, acc_t(0));
-      }
-      for (int64_t q = 0; q < p.Lq; ++q) {
-        const int64_t head = (n * p.Lq + q) * p.M + m;
-        const scalar_t* g = grad_out + head * p.D;
-        for (int l = 0; l < p.levels.num_levels; ++l) {
-          const int64_t H = p.levels.height[l], W = p.levels.width[l];
-          const int64_t level_row = (n * p.S + p.levels.start[l]) * p.M + m;  // row of (y, x) = level_row + (y*W+x)*M
-          for (int64_t pt = p.levels.point_start[l]; pt < p.levels.point_start[l] + p.levels.num_points[l]; ++pt) {
-            const int64_t point = head * p.P + pt;
-            const Sample<acc_t> s = sample_point(loc[2 * point], loc[2 * point + 1], H, W, p.method);
-            if (!s.valid) continue;  // grads of a skipped point stay 0
-            const acc_t a = attn[point];
-            const acc_t w[4] = {s.w00(), s.w01(), s.w10(), s.w11()};
-            bool inside[4];
-            for (int corner = 0; corner < 4; ++corner) {
-              const int64_t y = s.y0 + (corner >> 1), x = s.x0 + (corner & 1);
-              inside[corner] = corner_inside(y, x, H, W);
-              if (!points_pass) continue;  // grad_value needs no corner values
-              acc_t* cv = corner_value.data() + corner * p.D;
-              if (inside[corner]) {
-                const scalar_t* v = value + (level_row + (y * W + x) * p.M) * p.D;
-                for (int64_t c = 0; c < p.D; ++c) cv[c] = static_cast<acc_t>(v[c]);
-              } else {
-                std::fill(cv, cv + p.D, acc_t(0));
-              }
-            }
-            const acc_t* v00 = corner_value.data();
-            const acc_t* v01 = v00 + p.D;
-            const acc_t* v10 = v01 + p.D;
-            const acc_t* v11 = v10 + p.D;
-            if (points_pass) {
-              acc_t dot_s = 0, dot_x = 0, dot_y = 0;
-#pragma omp simd reduction(+ : dot_s, dot_x, dot_y)
-              for (int64_t c = 0; c < p.D; ++c) {
-                const acc_t gc = static_cast<acc_t>(g[c]);
-                dot_s += gc * (w[0] * v00[c] + w[1] * v01[c] + w[2] * v10[c] + w[3] * v11[c]);
-                dot_x += gc * (s.hy * (v01[c] - v00[c]) + s.ly * (v11[c] - v10[c]));
-                dot_y += gc * (s.hx * (v10[c] - v00[c]) + s.lx * (v11[c] - v01[c]));
-              }
-              if (grad_attn != nullptr) grad_attn[point] = dot_s;
-              if (grad_loc != nullptr && bilinear) {
-                grad_loc[2 * point] = static_cast<acc_t>(W) * a * dot_x;
-                grad_loc[2 * point + 1] = static_cast<acc_t>(H) * a * dot_y;
-              }
-            }
-            if (!points_pass) {
-              for (int corner = 0; corner < 4; ++corner) {
-                if (!inside[corner] || w[corner] == acc_t(0)) continue;
-                const int64_t y = s.y0 + (corner >> 1), x = s.x0 + (corner & 1);
-                axpy(grad_value + (level_row + (y * W + x) * p.M) * p.D, g, a * w[corner], p.D);
-              }
-            }
-          }
-        }
-      }
-      }
-    }
+#ifdef RTDETR_CPU_AVX2
+    if (avx2) return isa_avx2::backward<scalar_t, acc_t>(begin, end, grad_out, value, loc, attn, grad_value, grad_loc, grad_attn, p);
+#endif
+    (void)avx2;
+    isa_baseline::backward<scalar_t, acc_t>(begin, end, grad_out, value, loc, attn, grad_value, grad_loc, grad_attn, p);
   });
 }
 
@@ -169,6 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
   const auto acc_opts = value.options().dtype(coord);
   // Gradients are accumulated in the math type and cast once at the end.
   at::Tensor grad_value = need_value ? at::empty(value.sizes(), acc_opts) : at::Tensor();  // zeroed per slice
+  if (need_value) advise_huge_pages(grad_value);
   at::Tensor grad_loc = need_loc ? at::zeros(loc.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_attn = need_attn ? at::zeros(attn.sizes(), acc_opts) : at::Tensor();
   if (p.N * p.Lq * p.M * p.D > 0) {

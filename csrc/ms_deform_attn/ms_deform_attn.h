@@ -71,20 +71,36 @@ MSDA_HD double msda_floor<double>(double v) {
 #endif
 }
 
-// Products that must round like the reference's separate torch ops (no FMA contraction on the GPU):
+// Products that must round like the reference's separate torch ops (no FMA contraction, which GCC
+// does by default for C++ when the target has FMA, as the AVX2 build of the CPU kernels does):
 // loc * W is rounded before the -0.5, which decides the bilinear cell near integer knots.
+// On the host an empty asm statement makes the rounded product opaque, so it cannot be fused.
+template <typename T>
+MSDA_HD T mul_rn_host(T a, T b) {
+  T r = a * b;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(r));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(r));
+#else
+  volatile T opaque = r;
+  r = opaque;
+#endif
+  return r;
+}
+
 MSDA_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
 #else
-  return a * b;
+  return mul_rn_host(a, b);
 #endif
 }
 MSDA_HD double mul_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
   return __dmul_rn(a, b);
 #else
-  return a * b;
+  return mul_rn_host(a, b);
 #endif
 }
 

@@ -1,0 +1,210 @@
+// Multi-scale deformable attention CPU kernels: the loop nests, compiled once per instruction set.
+//
+// cpu.cpp includes this file (deliberately without an include guard) inside one namespace per
+// instruction set, once under `#pragma GCC target("avx2,fma")` and once for the baseline, and picks
+// one at run time; the sampling math comes from ms_deform_attn.h, shared with the CUDA kernels.
+//
+// Both kernels handle one sampling point with straight-line channel loops over its four corners:
+// a corner outside the level reads a row of zeros, and one with bilinear weight 0 is neither read by
+// the forward nor written by the backward (which sends it to a scratch row), so the channel loops
+// have no branches and vectorise. With D known at compile time (32 and 64, RT-DETR's head sizes)
+// they unroll completely.
+//
+// Work is split by (n, m) slices of value, [S, D] each (1 MB at 640 px). In value's [N, S, M, D]
+// layout a slice's rows lie M * D elements apart, a power-of-two stride that maps them onto a small
+// fraction of the cache sets. Even so, the kernels read and write the slices in place: copying a
+// slice to a contiguous buffer first (and accumulating grad_value there) was measured, and was
+// slower for value and no faster for grad_value at RT-DETR's sizes; so was software-prefetching the
+// next head's corners.
+//
+// Forward: parallel over (n, m, q) heads in that order. Backward: parallel over (n, m) slices, each
+// task owning its slice of grad_value and walking the queries in order, so the result is
+// deterministic for any thread count and needs no atomics; per point, one pass over the channels
+// gives the four dot products <grad_out, corner> from which the weight and location grads follow,
+// and another scatters grad_out into the four corners of grad_value.
+
+// Rows of one (n, m) slice of a [N, S, M, D] tensor: row r is at base + r * M * D.
+template <typename T>
+struct SliceRows {
+  T* base;
+  int64_t stride;
+  T* row(int64_t r) const { return base + r * stride; }
+};
+
+template <typename scalar_t>
+SliceRows<const scalar_t> value_rows(const scalar_t* value, int64_t n, int64_t m, const Problem& p, int64_t D) {
+  return {value + (n * p.S * p.M + m) * D, p.M * D};
+}
+
+template <typename acc_t>
+struct Corners {
+  int64_t row[4];  // row of the corner within its (n, m) slice, or -1 when outside the level
+  acc_t weight[4];  // bilinear weight, 0 when outside
+};
+
+// The four corners of a valid sample: rows within the slice and their bilinear weights.
+template <typename acc_t>
+inline Corners<acc_t> corners_of(const Sample<acc_t>& s, int64_t H, int64_t W, int64_t level_start) {
+  Corners<acc_t> c;
+  const acc_t w[4] = {s.w00(), s.w01(), s.w10(), s.w11()};
+  for (int k = 0; k < 4; ++k) {
+    const int64_t y = s.y0 + (k >> 1), x = s.x0 + (k & 1);
+    const bool inside = corner_inside(y, x, H, W);
+    c.row[k] = inside ? level_start + y * W + x : -1;
+    c.weight[k] = inside ? w[k] : acc_t(0);
+  }
+  return c;
+}
+
+template <typename scalar_t, typename acc_t, int kD>
+void forward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ value, const acc_t* __restrict__ loc,
+                   const acc_t* __restrict__ attn, scalar_t* __restrict__ out, const Problem& p) {
+  const int64_t D = kD > 0 ? kD : p.D;
+  std::vector<scalar_t> zeros(D, scalar_t(0));
+  std::vector<acc_t> acc_store(kD > 0 ? 0 : D);
+  acc_t acc_fixed[kD > 0 ? kD : 1];
+  acc_t* __restrict__ acc = kD > 0 ? acc_fixed : acc_store.data();
+  int64_t index = begin;
+  while (index < end) {
+    // the heads of this range in one (n, m) slice: [index, slice_end)
+    const int64_t slice = index / p.Lq, n = slice / p.M, m = slice % p.M;
+    const int64_t slice_end = std::min(end, (slice + 1) * p.Lq);
+    const SliceRows<const scalar_t> rows = value_rows(value, n, m, p, D);
+    for (; index < slice_end; ++index) {
+      const int64_t q = index % p.Lq;
+      const int64_t head = (n * p.Lq + q) * p.M + m;
+      for (int64_t c = 0; c < D; ++c) acc[c] = acc_t(0);
+      const acc_t* head_loc = loc + head * p.P * 2;
+      const acc_t* head_attn = attn + head * p.P;
+      for (int l = 0; l < p.levels.num_levels; ++l) {
+        const int64_t H = p.levels.height[l], W = p.levels.width[l];
+        const int64_t first = p.levels.point_start[l], last = first + p.levels.num_points[l];
+        for (int64_t pt = first; pt < last; ++pt) {
+          const Sample<acc_t> s = sample_point(head_loc[2 * pt], head_loc[2 * pt + 1], H, W, p.method);
+          if (!s.valid) continue;
+          const Corners<acc_t> k = corners_of(s, H, W, p.levels.start[l]);
+          const acc_t a = head_attn[pt];
+          const acc_t w0 = a * k.weight[0], w1 = a * k.weight[1], w2 = a * k.weight[2], w3 = a * k.weight[3];
+          // a corner with weight 0 is not read, as in the reference (0 * inf would be NaN)
+          const scalar_t* __restrict__ v0 = k.weight[0] != acc_t(0) ? rows.row(k.row[0]) : zeros.data();
+          const scalar_t* __restrict__ v1 = k.weight[1] != acc_t(0) ? rows.row(k.row[1]) : zeros.data();
+          const scalar_t* __restrict__ v2 = k.weight[2] != acc_t(0) ? rows.row(k.row[2]) : zeros.data();
+          const scalar_t* __restrict__ v3 = k.weight[3] != acc_t(0) ? rows.row(k.row[3]) : zeros.data();
+#pragma omp simd
+          for (int64_t c = 0; c < D; ++c) {
+            acc[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
+                      w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
+          }
+        }
+      }
+      scalar_t* __restrict__ o = out + head * D;
+      for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int kD>
+void backward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ grad_out,
+                    const scalar_t* __restrict__ value, const acc_t* __restrict__ loc, const acc_t* __restrict__ attn,
+                    acc_t* grad_value, acc_t* __restrict__ grad_loc, acc_t* __restrict__ grad_attn, const Problem& p) {
+  const int64_t D = kD > 0 ? kD : p.D;
+  const bool bilinear = p.method == kBilinear;
+  const bool point_grads = grad_attn != nullptr || (grad_loc != nullptr && bilinear);
+  std::vector<scalar_t> zeros(D, scalar_t(0));
+  std::vector<acc_t> scratch(4 * D);  // where the grad_value rows of unread corners go
+  for (int64_t slice = begin; slice < end; ++slice) {
+    const int64_t n = slice / p.M, m = slice % p.M;
+    // Two passes over the slice's points: the weight and location grads (reading value), then
+    // grad_value (writing it); one pass touching both slices at once was measured slower.
+    for (int pass = 0; pass < 2; ++pass) {
+      const bool points_pass = pass == 0;
+      if (points_pass ? !point_grads : grad_value == nullptr) continue;
+      const SliceRows<const scalar_t> rows = value_rows(value, n, m, p, D);
+      SliceRows<acc_t> grad_rows{nullptr, 0};
+      if (!points_pass) {  // each task zeroes its own slice of grad_value, just before it is used
+        grad_rows = {grad_value + (n * p.S * p.M + m) * D, p.M * D};
+        for (int64_t r = 0; r < p.S; ++r) std::fill(grad_rows.row(r), grad_rows.row(r) + D, acc_t(0));
+      }
+      for (int64_t q = 0; q < p.Lq; ++q) {
+        const int64_t head = (n * p.Lq + q) * p.M + m;
+        const scalar_t* __restrict__ g = grad_out + head * D;
+        for (int l = 0; l < p.levels.num_levels; ++l) {
+          const int64_t H = p.levels.height[l], W = p.levels.width[l];
+          const int64_t first = p.levels.point_start[l], last = first + p.levels.num_points[l];
+          for (int64_t pt = first; pt < last; ++pt) {
+            const int64_t point = head * p.P + pt;
+            const Sample<acc_t> s = sample_point(loc[2 * point], loc[2 * point + 1], H, W, p.method);
+            if (!s.valid) continue;  // grads of a skipped point stay 0
+            const Corners<acc_t> k = corners_of(s, H, W, p.levels.start[l]);
+            const acc_t a = attn[point];
+            if (points_pass) {
+              // <grad_out, corner k> for the four corners; every corner inside the level is read, weight 0
+              // or not: on a bilinear knot the location grad still depends on the neighbour (zeros outside)
+              const scalar_t* __restrict__ v0 = k.row[0] >= 0 ? rows.row(k.row[0]) : zeros.data();
+              const scalar_t* __restrict__ v1 = k.row[1] >= 0 ? rows.row(k.row[1]) : zeros.data();
+              const scalar_t* __restrict__ v2 = k.row[2] >= 0 ? rows.row(k.row[2]) : zeros.data();
+              const scalar_t* __restrict__ v3 = k.row[3] >= 0 ? rows.row(k.row[3]) : zeros.data();
+              acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+              for (int64_t c = 0; c < D; ++c) {
+                const acc_t gc = static_cast<acc_t>(g[c]);
+                d0 += gc * static_cast<acc_t>(v0[c]);
+                d1 += gc * static_cast<acc_t>(v1[c]);
+                d2 += gc * static_cast<acc_t>(v2[c]);
+                d3 += gc * static_cast<acc_t>(v3[c]);
+              }
+              if (grad_attn != nullptr)
+                grad_attn[point] = k.weight[0] * d0 + k.weight[1] * d1 + k.weight[2] * d2 + k.weight[3] * d3;
+              if (grad_loc != nullptr && bilinear) {
+                // d(sample)/dx = hy * (v01 - v00) + ly * (v11 - v10), likewise for y; x = loc_x * W - 0.5
+                grad_loc[2 * point] = static_cast<acc_t>(W) * a * (s.hy * (d1 - d0) + s.ly * (d3 - d2));
+                grad_loc[2 * point + 1] = static_cast<acc_t>(H) * a * (s.hx * (d2 - d0) + s.lx * (d3 - d1));
+              }
+            } else {
+              acc_t* __restrict__ r0 = k.weight[0] != acc_t(0) ? grad_rows.row(k.row[0]) : scratch.data();
+              acc_t* __restrict__ r1 = k.weight[1] != acc_t(0) ? grad_rows.row(k.row[1]) : scratch.data() + D;
+              acc_t* __restrict__ r2 = k.weight[2] != acc_t(0) ? grad_rows.row(k.row[2]) : scratch.data() + 2 * D;
+              acc_t* __restrict__ r3 = k.weight[3] != acc_t(0) ? grad_rows.row(k.row[3]) : scratch.data() + 3 * D;
+              const acc_t w0 = a * k.weight[0], w1 = a * k.weight[1], w2 = a * k.weight[2], w3 = a * k.weight[3];
+#pragma omp simd
+              for (int64_t c = 0; c < D; ++c) {
+                const acc_t gc = static_cast<acc_t>(g[c]);
+                r0[c] += w0 * gc;
+                r1[c] += w1 * gc;
+                r2[c] += w2 * gc;
+                r3[c] += w3 * gc;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Runs `fn.template operator()<kD>()` with kD = D for RT-DETR's head sizes, 0 (generic) otherwise.
+template <typename Fn>
+void with_head_dim(int64_t D, Fn&& fn) {
+  if (D == 32) {
+    fn(std::integral_constant<int, 32>());
+  } else if (D == 64) {
+    fn(std::integral_constant<int, 64>());
+  } else {
+    fn(std::integral_constant<int, 0>());
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward(int64_t begin, int64_t end, const scalar_t* value, const acc_t* loc, const acc_t* attn, scalar_t* out,
+             const Problem& p) {
+  with_head_dim(p.D, [&](auto kd) { forward_range<scalar_t, acc_t, decltype(kd)::value>(begin, end, value, loc, attn, out, p); });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward(int64_t begin, int64_t end, const scalar_t* grad_out, const scalar_t* value, const acc_t* loc,
+              const acc_t* attn, acc_t* grad_value, acc_t* grad_loc, acc_t* grad_attn, const Problem& p) {
+  with_head_dim(p.D, [&](auto kd) {
+    backward_range<scalar_t, acc_t, decltype(kd)::value>(begin, end, grad_out, value, loc, attn, grad_value, grad_loc,
+                                                         grad_attn, p);
+  });
+}
