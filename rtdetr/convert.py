@@ -11,6 +11,18 @@ import torch
 __all__ = ["to_transformers", "from_transformers"]
 
 _ATTN_SPLIT = ("q_proj", "k_proj", "v_proj")
+# sub-module names inside one encoder / decoder layer: (official, transformers), applied in order
+_ENCODER_LAYER_NAMES = (("self_attn.out_proj", "self_attn.o_proj"), ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2"),
+                        ("norm1", "self_attn_layer_norm"), ("norm2", "final_layer_norm"))
+_DECODER_LAYER_NAMES = (("self_attn.out_proj", "self_attn.o_proj"), ("cross_attn.", "encoder_attn."),
+                        ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2"), ("norm1", "self_attn_layer_norm"),
+                        ("norm2", "encoder_attn_layer_norm"), ("norm3", "final_layer_norm"))
+
+
+def _rename(rest: str, names, to_transformers: bool) -> str:
+    for official, hf in names:
+        rest = rest.replace(official, hf) if to_transformers else rest.replace(hf, official)
+    return rest
 
 
 def _official_to_hf_key(k: str) -> str:
@@ -46,10 +58,7 @@ def _official_to_hf_key(k: str) -> str:
     if m:
         i, l, rest = m.groups()
         pre = f"model.encoder.aifi.{i}.layers.{l}."
-        rest = (rest.replace("self_attn.out_proj", "self_attn.o_proj").replace("linear1", "mlp.fc1")
-                .replace("linear2", "mlp.fc2").replace("norm1", "self_attn_layer_norm")
-                .replace("norm2", "final_layer_norm"))
-        return pre + rest
+        return pre + _rename(rest, _ENCODER_LAYER_NAMES, to_transformers=True)
     if k.startswith("encoder."):
         return "model." + k
     # ---------------- decoder
@@ -59,11 +68,7 @@ def _official_to_hf_key(k: str) -> str:
     m = re.match(r"decoder\.decoder\.layers\.(\d+)\.(.*)", k)
     if m:
         l, rest = m.groups()
-        rest = (rest.replace("self_attn.out_proj", "self_attn.o_proj").replace("cross_attn.", "encoder_attn.")
-                .replace("linear1", "mlp.fc1").replace("linear2", "mlp.fc2")
-                .replace("norm1", "self_attn_layer_norm").replace("norm2", "encoder_attn_layer_norm")
-                .replace("norm3", "final_layer_norm"))
-        return f"model.decoder.layers.{l}.{rest}"
+        return f"model.decoder.layers.{l}.{_rename(rest, _DECODER_LAYER_NAMES, to_transformers=True)}"
     m = re.match(r"decoder\.dec_score_head\.(\d+)\.(.*)", k)
     if m:
         return f"model.decoder.class_embed.{m.group(1)}.{m.group(2)}"
@@ -173,10 +178,7 @@ def _hf_to_official_key(k: str, version: str):
     m = re.match(r"model\.encoder\.aifi\.(\d+)\.layers\.(\d+)\.(.*)", k)
     if m:
         i, l, rest = m.groups()
-        rest = (rest.replace("self_attn.o_proj", "self_attn.out_proj").replace("mlp.fc1", "linear1")
-                .replace("mlp.fc2", "linear2").replace("self_attn_layer_norm", "norm1")
-                .replace("final_layer_norm", "norm2"))
-        return f"encoder.encoder.{i}.layers.{l}.{rest}"
+        return f"encoder.encoder.{i}.layers.{l}.{_rename(rest, _ENCODER_LAYER_NAMES, to_transformers=False)}"
     if k.startswith("model.encoder."):
         return k[len("model."):]
     m = re.match(r"model\.decoder_input_proj\.(\d+)\.([01])\.(.*)", k)
@@ -185,11 +187,7 @@ def _hf_to_official_key(k: str, version: str):
     m = re.match(r"model\.decoder\.layers\.(\d+)\.(.*)", k)
     if m:
         l, rest = m.groups()
-        rest = (rest.replace("self_attn.o_proj", "self_attn.out_proj").replace("encoder_attn.", "cross_attn.")
-                .replace("mlp.fc1", "linear1").replace("mlp.fc2", "linear2")
-                .replace("self_attn_layer_norm", "norm1").replace("encoder_attn_layer_norm", "norm2")
-                .replace("final_layer_norm", "norm3"))
-        return f"decoder.decoder.layers.{l}.{rest}"
+        return f"decoder.decoder.layers.{l}.{_rename(rest, _DECODER_LAYER_NAMES, to_transformers=False)}"
     m = re.match(r"model\.decoder\.class_embed\.(\d+)\.(.*)", k)
     if m:
         return f"decoder.dec_score_head.{m.group(1)}.{m.group(2)}"
