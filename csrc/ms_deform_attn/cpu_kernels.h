@@ -14,14 +14,15 @@
 // layout a slice's rows lie M * D elements apart, a power-of-two stride that maps them onto a small
 // fraction of the cache sets. Even so, the kernels read and write the slices in place: copying a
 // slice to a contiguous buffer first (and accumulating grad_value there) was measured, and was
-// slower for value and no faster for grad_value at RT-DETR's sizes; so was software-prefetching the
-// next head's corners.
+// slower for value and no faster for grad_value at RT-DETR's sizes; software prefetching of the next
+// head's corners was slower too.
 //
 // Forward: parallel over (n, m, q) heads in that order. Backward: parallel over (n, m) slices, each
 // task owning its slice of grad_value and walking the queries in order, so the result is
-// deterministic for any thread count and needs no atomics; per point, one pass over the channels
-// gives the four dot products <grad_out, corner> from which the weight and location grads follow,
-// and another scatters grad_out into the four corners of grad_value.
+// deterministic for any thread count and needs no atomics. It makes two passes over a slice's points:
+// the first reads value and takes the four dot products <grad_out, corner> from which the weight and
+// location grads follow, the second scatters grad_out into the four corners of grad_value (one pass
+// doing both was measured slower).
 
 // Rows of one (n, m) slice of a [N, S, M, D] tensor: row r is at base + r * M * D.
 template <typename T>
