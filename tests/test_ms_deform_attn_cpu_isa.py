@@ -78,3 +78,23 @@ def test_builds_agree_in_float64(monkeypatch):
     baseline = run("cpu", "cpu", *args, num_points_list=POINTS)
     for a, b, what in zip(native, baseline, ("output", "grad_value", "grad_locations", "grad_weights")):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("D", [32, 64, 13, 5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_rows_convert_exactly(isa, D, dtype):
+    """float16/bfloat16 value and grad_out rows are widened to float32 (8 channels at a time in the AVX2
+    build, then a scalar tail) and everything else runs as in float32; so with inputs that are exact in
+    the low precision, the result is the float32 result rounded once: within one unit of the low
+    precision's rounding, far below any wrong conversion (a lost channel or a mis-shifted word)."""
+    inputs = make_inputs(seed=3 * D, N=2, Lq=9, M=2, D=D, shapes=SHAPES, points=POINTS, dtype=dtype,
+                         loc_dtype=torch.float32)
+    args = (inputs["value"], SHAPES, inputs["loc"], inputs["weights"], inputs["grad_out"])
+    low = run("cpu", "cpu", *args, dtype=dtype, loc_dtype=torch.float32, num_points_list=POINTS)
+    wide = run("cpu", "cpu", *args, dtype=torch.float32, num_points_list=POINTS)
+    eps = torch.finfo(dtype).eps
+    for got, want, what in zip(low, wide, ("output", "grad_value", "grad_locations", "grad_weights")):
+        if what in ("output", "grad_value"):  # rounded once to the low precision
+            want = want.to(dtype).double()
+        scale = max(float(want.abs().max()), 1.0)
+        assert float((got - want).abs().max()) <= eps * scale, f"{isa} {dtype} D={D} {what}"

@@ -1,6 +1,6 @@
 // Multi-scale deformable attention on the CPU: forward and one fused backward.
 //
-// The loop nests live in cpu_kernels.h, compiled here twice: for x86-64 CPUs with AVX2 and FMA
+// The loop nests live in cpu_kernels.h, compiled here twice: for x86-64 CPUs with AVX2, FMA and F16C
 // (chosen at run time when the CPU has them) and for the baseline instruction set. The environment
 // variable RTDETR_KERNELS_CPU_ISA=baseline forces the baseline build (tests run both).
 // Backward: deterministic for any thread count (no atomics; see cpu_kernels.h).
@@ -23,6 +23,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#ifdef RTDETR_CPU_AVX2
+#include <immintrin.h>
+#endif
 
 namespace rtdetr_kernels {
 namespace msda {
@@ -34,8 +37,10 @@ namespace isa_baseline {
 #ifdef RTDETR_CPU_AVX2
 namespace isa_avx2 {
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
+#define RTDETR_CPU_F16C 1
 #include "ms_deform_attn/cpu_kernels.h"
+#undef RTDETR_CPU_F16C
 #pragma GCC pop_options
 }  // namespace isa_avx2
 #endif
@@ -45,7 +50,8 @@ const char* cpu_isa() {
   const char* forced = std::getenv("RTDETR_KERNELS_CPU_ISA");
   if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return "baseline";
 #ifdef RTDETR_CPU_AVX2
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has_avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (has_avx2) return "avx2";
 #endif
   return "baseline";

@@ -39,6 +39,48 @@ SliceRows<const scalar_t> value_rows(const scalar_t* value, int64_t n, int64_t m
   return {value + (n * p.S * p.M + m) * D, p.M * D};
 }
 
+// Rows of value and grad_out in the math type: float32/float64 rows are used in place; float16 and
+// bfloat16 rows are converted once into a small buffer (8 channels per instruction in the AVX2
+// build: F16C for float16, a 16-bit shift for bfloat16), so that the channel loops read plain floats.
+#if defined(RTDETR_CPU_F16C)
+inline void convert_row(const c10::Half* src, float* dst, int64_t D) {
+  int64_t c = 0;
+  for (; c + 8 <= D; c += 8)
+    _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c))));
+  for (; c < D; ++c) dst[c] = _cvtsh_ss(src[c].x);
+}
+inline void convert_row(const c10::BFloat16* src, float* dst, int64_t D) {  // bfloat16 = float's top 16 bits
+  int64_t c = 0;
+  for (; c + 8 <= D; c += 8) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c)));
+    _mm256_storeu_ps(dst + c, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+  }
+  for (; c < D; ++c) dst[c] = static_cast<float>(src[c]);
+}
+#endif
+template <typename scalar_t, typename acc_t>
+inline void convert_row(const scalar_t* src, acc_t* dst, int64_t D) {
+  for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<acc_t>(src[c]);
+}
+
+template <typename scalar_t, typename acc_t>
+struct RowReader {
+  std::vector<acc_t> buffer;
+  int64_t D;
+  explicit RowReader(int64_t d) : buffer(std::is_same_v<scalar_t, acc_t> ? 0 : 5 * d), D(d) {}
+  // the row as acc_t; `slot` (0-4) picks the buffer, so up to five converted rows can be live at once
+  const acc_t* operator()(const scalar_t* row, int slot) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      (void)slot;
+      return row;
+    } else {
+      acc_t* dst = buffer.data() + slot * D;
+      convert_row(row, dst, D);
+      return dst;
+    }
+  }
+};
+
 template <typename acc_t>
 struct Corners {
   int64_t row[4];  // row of the corner within its (n, m) slice, or -1 when outside the level
@@ -63,7 +105,8 @@ template <typename scalar_t, typename acc_t, int kD>
 void forward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ value, const acc_t* __restrict__ loc,
                    const acc_t* __restrict__ attn, scalar_t* __restrict__ out, const Problem& p) {
   const int64_t D = kD > 0 ? kD : p.D;
-  std::vector<scalar_t> zeros(D, scalar_t(0));
+  const std::vector<acc_t> zeros(D, acc_t(0));
+  RowReader<scalar_t, acc_t> read(D);
   std::vector<acc_t> acc_store(kD > 0 ? 0 : D);
   acc_t acc_fixed[kD > 0 ? kD : 1];
   acc_t* __restrict__ acc = kD > 0 ? acc_fixed : acc_store.data();
@@ -89,15 +132,12 @@ void forward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ valu
           const acc_t a = head_attn[pt];
           const acc_t w0 = a * k.weight[0], w1 = a * k.weight[1], w2 = a * k.weight[2], w3 = a * k.weight[3];
           // a corner with weight 0 is not read, as in the reference (0 * inf would be NaN)
-          const scalar_t* __restrict__ v0 = k.weight[0] != acc_t(0) ? rows.row(k.row[0]) : zeros.data();
-          const scalar_t* __restrict__ v1 = k.weight[1] != acc_t(0) ? rows.row(k.row[1]) : zeros.data();
-          const scalar_t* __restrict__ v2 = k.weight[2] != acc_t(0) ? rows.row(k.row[2]) : zeros.data();
-          const scalar_t* __restrict__ v3 = k.weight[3] != acc_t(0) ? rows.row(k.row[3]) : zeros.data();
+          const acc_t* __restrict__ v0 = k.weight[0] != acc_t(0) ? read(rows.row(k.row[0]), 0) : zeros.data();
+          const acc_t* __restrict__ v1 = k.weight[1] != acc_t(0) ? read(rows.row(k.row[1]), 1) : zeros.data();
+          const acc_t* __restrict__ v2 = k.weight[2] != acc_t(0) ? read(rows.row(k.row[2]), 2) : zeros.data();
+          const acc_t* __restrict__ v3 = k.weight[3] != acc_t(0) ? read(rows.row(k.row[3]), 3) : zeros.data();
 #pragma omp simd
-          for (int64_t c = 0; c < D; ++c) {
-            acc[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
-                      w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
-          }
+          for (int64_t c = 0; c < D; ++c) acc[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
         }
       }
       scalar_t* __restrict__ o = out + head * D;
@@ -113,7 +153,8 @@ void backward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ gra
   const int64_t D = kD > 0 ? kD : p.D;
   const bool bilinear = p.method == kBilinear;
   const bool point_grads = grad_attn != nullptr || (grad_loc != nullptr && bilinear);
-  std::vector<scalar_t> zeros(D, scalar_t(0));
+  const std::vector<acc_t> zeros(D, acc_t(0));
+  RowReader<scalar_t, acc_t> read(D);
   std::vector<acc_t> scratch(4 * D);  // where the grad_value rows of unread corners go
   for (int64_t slice = begin; slice < end; ++slice) {
     const int64_t n = slice / p.M, m = slice % p.M;
@@ -130,7 +171,7 @@ void backward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ gra
       }
       for (int64_t q = 0; q < p.Lq; ++q) {
         const int64_t head = (n * p.Lq + q) * p.M + m;
-        const scalar_t* __restrict__ g = grad_out + head * D;
+        const acc_t* __restrict__ g = read(grad_out + head * D, 4);
         for (int l = 0; l < p.levels.num_levels; ++l) {
           const int64_t H = p.levels.height[l], W = p.levels.width[l];
           const int64_t first = p.levels.point_start[l], last = first + p.levels.num_points[l];
@@ -143,18 +184,17 @@ void backward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ gra
             if (points_pass) {
               // <grad_out, corner k> for the four corners; every corner inside the level is read, weight 0
               // or not: on a bilinear knot the location grad still depends on the neighbour (zeros outside)
-              const scalar_t* __restrict__ v0 = k.row[0] >= 0 ? rows.row(k.row[0]) : zeros.data();
-              const scalar_t* __restrict__ v1 = k.row[1] >= 0 ? rows.row(k.row[1]) : zeros.data();
-              const scalar_t* __restrict__ v2 = k.row[2] >= 0 ? rows.row(k.row[2]) : zeros.data();
-              const scalar_t* __restrict__ v3 = k.row[3] >= 0 ? rows.row(k.row[3]) : zeros.data();
+              const acc_t* __restrict__ v0 = k.row[0] >= 0 ? read(rows.row(k.row[0]), 0) : zeros.data();
+              const acc_t* __restrict__ v1 = k.row[1] >= 0 ? read(rows.row(k.row[1]), 1) : zeros.data();
+              const acc_t* __restrict__ v2 = k.row[2] >= 0 ? read(rows.row(k.row[2]), 2) : zeros.data();
+              const acc_t* __restrict__ v3 = k.row[3] >= 0 ? read(rows.row(k.row[3]), 3) : zeros.data();
               acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
               for (int64_t c = 0; c < D; ++c) {
-                const acc_t gc = static_cast<acc_t>(g[c]);
-                d0 += gc * static_cast<acc_t>(v0[c]);
-                d1 += gc * static_cast<acc_t>(v1[c]);
-                d2 += gc * static_cast<acc_t>(v2[c]);
-                d3 += gc * static_cast<acc_t>(v3[c]);
+                d0 += g[c] * v0[c];
+                d1 += g[c] * v1[c];
+                d2 += g[c] * v2[c];
+                d3 += g[c] * v3[c];
               }
               if (grad_attn != nullptr)
                 grad_attn[point] = k.weight[0] * d0 + k.weight[1] * d1 + k.weight[2] * d2 + k.weight[3] * d3;
@@ -171,11 +211,10 @@ void backward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ gra
               const acc_t w0 = a * k.weight[0], w1 = a * k.weight[1], w2 = a * k.weight[2], w3 = a * k.weight[3];
 #pragma omp simd
               for (int64_t c = 0; c < D; ++c) {
-                const acc_t gc = static_cast<acc_t>(g[c]);
-                r0[c] += w0 * gc;
-                r1[c] += w1 * gc;
-                r2[c] += w2 * gc;
-                r3[c] += w3 * gc;
+                r0[c] += w0 * g[c];
+                r1[c] += w1 * g[c];
+                r2[c] += w2 * g[c];
+                r3[c] += w3 * g[c];
               }
             }
           }
