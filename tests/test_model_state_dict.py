@@ -1,4 +1,8 @@
-"""State-dict names / shapes / dtypes of the reference RT-DETR equal the official dumps."""
+"""State-dict names / shapes / dtypes of the reference RT-DETR equal the official dumps.
+
+The dumps (name, shape, dtype per line; from the project's shared/data/rtdetr_state_dict_keys) are kept
+gzipped in tests/data so that the spec travels with the repository and a missing file fails the test."""
+import gzip
 from pathlib import Path
 
 import pytest
@@ -6,17 +10,15 @@ import torch
 
 import rtdetr
 
-KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "rtdetr_state_dict_keys"
+KEYS_DIR = Path(__file__).resolve().parent / "data" / "rtdetr_state_dict_keys"
 CFGS = {"r18": "rtdetr_r18vd", "r34": "rtdetr_r34vd", "r50m": "rtdetr_r50vd_m", "r50": "rtdetr_r50vd",
         "r101": "rtdetr_r101vd"}
 
 
 def _expected(prefix, short):
-    path = KEYS_DIR / f"keys_{prefix}_{short}.txt"
-    if not path.is_file():
-        pytest.skip(f"official state-dict key dump not found: {path}")
+    path = KEYS_DIR / f"keys_{prefix}_{short}.txt.gz"
     rows = []
-    for line in path.read_text().splitlines():
+    for line in gzip.decompress(path.read_bytes()).decode().splitlines():
         if line.strip():
             name, shape, dtype = line.split("\t")
             rows.append((name, shape, dtype))
