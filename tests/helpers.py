@@ -12,6 +12,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rtdetr_kernels import backends
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+REQUIRE_EXTENSION = os.environ.get("RTDETR_REQUIRE_EXTENSION", "0") == "1"
+
+
+def require_extension():
+    """The compiled rtdetr_kernels._C; a failure where it is required (make test), else a skip."""
+    ext = backends.load_extension()
+    if ext is None:
+        if REQUIRE_EXTENSION:
+            pytest.fail(f"rtdetr_kernels._C is required here but failed to load: {backends.extension_error()}")
+        pytest.skip(f"rtdetr_kernels._C is not built: {backends.extension_error()}")
+    return ext
 
 
 def backend_params(op: str) -> List[Tuple[str, str]]:

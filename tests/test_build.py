@@ -11,21 +11,13 @@ import torch
 import rtdetr_kernels
 from rtdetr_kernels import backends
 
-REQUIRE_EXTENSION = os.environ.get("RTDETR_REQUIRE_EXTENSION", "0") == "1"
+from helpers import require_extension
+
 REQUIRE_CUDA = os.environ.get("RTDETR_REQUIRE_CUDA_EXTENSION", "0") == "1"
 
 
-def _extension():
-    ext = backends.load_extension()
-    if ext is None:
-        if REQUIRE_EXTENSION:
-            pytest.fail(f"rtdetr_kernels._C is required here but failed to load: {backends.extension_error()}")
-        pytest.skip(f"rtdetr_kernels._C is not built: {backends.extension_error()}")
-    return ext
-
-
 def test_extension_registers_cpu_kernels_for_every_op():
-    ext = _extension()
+    ext = require_extension()
     ops = ext.OPS.split(",")
     assert "ms_deform_attn_forward" in ops and "ms_deform_attn_backward" in ops
     for op in ops:
@@ -33,7 +25,7 @@ def test_extension_registers_cpu_kernels_for_every_op():
 
 
 def test_extension_registers_cuda_kernels_for_every_op_when_built_with_cuda():
-    ext = _extension()
+    ext = require_extension()
     if REQUIRE_CUDA and torch.version.cuda:
         assert ext.WITH_CUDA, "a CUDA build was required (nvcc and a CUDA torch are present) but _C has no CUDA kernels"
     if not ext.WITH_CUDA:

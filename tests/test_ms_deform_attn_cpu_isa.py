@@ -8,18 +8,12 @@ import pytest
 import torch
 
 from rtdetr_kernels import backends
+from helpers import require_extension
 from msda_oracle import check_against_oracle, make_inputs, oracle, run
 from test_ms_deform_attn_oracle import KNOT_POINTS, KNOT_SHAPES, _knot_locations
 
 SHAPES = [(7, 9), (4, 3), (2, 2)]
 POINTS = [3, 2, 2]
-
-
-def _ext():
-    ext = backends.load_extension()
-    if ext is None:
-        pytest.skip(f"rtdetr_kernels._C is not built: {backends.extension_error()}")
-    return ext
 
 
 def _isas():
@@ -30,7 +24,7 @@ def _isas():
 
 @pytest.fixture(params=_isas())
 def isa(request, monkeypatch):
-    _ext()
+    require_extension()
     if request.param == "baseline":
         monkeypatch.setenv("RTDETR_KERNELS_CPU_ISA", "baseline")
     else:

@@ -45,17 +45,21 @@ namespace isa_avx2 {
 }  // namespace isa_avx2
 #endif
 
-// Which build of the kernels runs: "avx2" or "baseline".
-const char* cpu_isa() {
+// Whether the AVX2 build of the kernels runs (the CPU has AVX2, FMA and F16C, and the environment
+// does not force the baseline).
+bool use_avx2() {
   const char* forced = std::getenv("RTDETR_KERNELS_CPU_ISA");
-  if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return "baseline";
+  if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return false;
 #ifdef RTDETR_CPU_AVX2
   static const bool has_avx2 =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (has_avx2) return "avx2";
+  return has_avx2;
+#else
+  return false;
 #endif
-  return "baseline";
 }
+
+const char* cpu_isa() { return use_avx2() ? "avx2" : "baseline"; }
 
 namespace {
 
@@ -79,7 +83,7 @@ template <typename scalar_t, typename acc_t>
 void forward_cpu(const scalar_t* value, const acc_t* loc, const acc_t* attn, scalar_t* out, const Problem& p) {
   const int64_t heads = p.N * p.Lq * p.M;
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, p.P * p.D));
-  const bool avx2 = std::strcmp(cpu_isa(), "avx2") == 0;
+  const bool avx2 = use_avx2();
   at::parallel_for(0, heads, grain, [&](int64_t begin, int64_t end) {
 #ifdef RTDETR_CPU_AVX2
     if (avx2) return isa_avx2::forward<scalar_t, acc_t>(begin, end, value, loc, attn, out, p);
@@ -92,7 +96,7 @@ void forward_cpu(const scalar_t* value, const acc_t* loc, const acc_t* attn, sca
 template <typename scalar_t, typename acc_t>
 void backward_cpu(const scalar_t* grad_out, const scalar_t* value, const acc_t* loc, const acc_t* attn,
                   acc_t* grad_value, acc_t* grad_loc, acc_t* grad_attn, const Problem& p) {
-  const bool avx2 = std::strcmp(cpu_isa(), "avx2") == 0;
+  const bool avx2 = use_avx2();
   at::parallel_for(0, p.N * p.M, 1, [&](int64_t begin, int64_t end) {
 #ifdef RTDETR_CPU_AVX2
     if (avx2) return isa_avx2::backward<scalar_t, acc_t>(begin, end, grad_out, value, loc, attn, grad_value, grad_loc, grad_attn, p);
