@@ -7,24 +7,35 @@ Public API:
     use_backend(name), explain(op, *args, **kwargs), BackendUnavailableError
 """
 
-from . import backends
-from .backends import BackendUnavailableError, use_backend
-from .attention import aifi_attention
-from .ms_deform_attn import ms_deform_attn
-from .topk import topk_select
 
-__version__ = "0.1.0"
+if __name__ != "rtdetr_kernels":
+    # This directory is the source of the ``rtdetr_kernels`` package (setup.py installs it under that
+    # name). With the repository root on sys.path (``python -m pytest``, a REPL started there) it is
+    # also importable as ``kernels``, the name of Hugging Face's kernel-hub package, which transformers
+    # probes for on import. Running the package a second time under that name would define every
+    # ``rtdetr_kernels::`` op again, and torch replaces a redefined custom op: the first import's op
+    # handles would then point at freed dispatcher entries. So under any other name it defines nothing.
+    def __getattr__(name):
+        raise AttributeError(f"{__file__} is the source of the 'rtdetr_kernels' package, imported here as "
+                             f"{__name__!r}; use `import rtdetr_kernels` (attribute {name!r} requested)")
+else:
+    from . import backends
+    from .backends import BackendUnavailableError, use_backend
+    from .attention import aifi_attention
+    from .ms_deform_attn import ms_deform_attn
+    from .topk import topk_select
 
-__all__ = ["ms_deform_attn", "aifi_attention", "topk_select", "use_backend", "BackendUnavailableError", "explain", "backends", "__version__"]
+    __version__ = "0.1.0"
 
+    __all__ = ["ms_deform_attn", "aifi_attention", "topk_select", "use_backend", "BackendUnavailableError", "explain", "backends", "__version__"]
 
-def explain(op: str, *args, **kwargs) -> str:
-    """Which backend would serve ``op(*args, **kwargs)`` and why the others would not."""
-    from .attention.op import explain as attention_explain
-    from .ms_deform_attn.op import explain as msda_explain
-    from .topk.op import explain as topk_explain
+    def explain(op: str, *args, **kwargs) -> str:
+        """Which backend would serve ``op(*args, **kwargs)`` and why the others would not."""
+        from .attention.op import explain as attention_explain
+        from .ms_deform_attn.op import explain as msda_explain
+        from .topk.op import explain as topk_explain
 
-    explainers = {"ms_deform_attn": msda_explain, "aifi_attention": attention_explain, "topk_select": topk_explain}
-    if op not in explainers:
-        raise ValueError(f"op: expected one of {sorted(explainers)}, got {op!r}")
-    return explainers[op](*args, **kwargs)
+        explainers = {"ms_deform_attn": msda_explain, "aifi_attention": attention_explain, "topk_select": topk_explain}
+        if op not in explainers:
+            raise ValueError(f"op: expected one of {sorted(explainers)}, got {op!r}")
+        return explainers[op](*args, **kwargs)

@@ -7,6 +7,9 @@ from typing import Callable
 import torch
 
 NAMESPACE = "rtdetr_kernels"
+if not __name__.startswith(NAMESPACE + "."):  # see __init__.py: the ops are defined by rtdetr_kernels alone
+    raise ImportError(f"{__file__} belongs to the 'rtdetr_kernels' package and cannot be imported as {__name__!r}; "
+                      "import rtdetr_kernels")
 _IMPL_LIB = torch.library.Library(NAMESPACE, "IMPL")
 
 

@@ -100,3 +100,40 @@ def test_version_and_public_api():
     assert rtdetr_kernels.__version__
     for name in ("ms_deform_attn", "use_backend", "explain", "BackendUnavailableError"):
         assert hasattr(rtdetr_kernels, name), name
+
+
+def test_source_directory_imported_as_kernels_defines_nothing():
+    """With the repository root on sys.path the source directory is importable as ``kernels``, which is
+    also Hugging Face's kernel-hub package (transformers imports it on `import transformers...` to
+    probe for it). That import must not define the ops again: torch would replace them and every
+    handle taken by the first import would dangle (seen as an intermittent INTERNAL ASSERT in CI)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rtdetr_kernels.__file__)))
+    if not os.path.isfile(os.path.join(root, "kernels", "__init__.py")):
+        pytest.skip("rtdetr_kernels is installed, not run from the source tree")
+    body = textwrap.dedent("""
+        import importlib, torch
+        import rtdetr_kernels
+        from torch._library import custom_ops
+        libraries = dict(custom_ops.OPDEF_TO_LIB)
+        assert any(name.startswith("rtdetr_kernels::") for name in libraries)
+        kernels = importlib.import_module("kernels")  # what transformers' probe does
+        assert getattr(kernels, "__version__", "N/A") == "N/A"
+        try:
+            kernels.topk_select
+        except AttributeError as e:
+            assert "import rtdetr_kernels" in str(e), e
+        else:
+            raise AssertionError("kernels.topk_select resolved")
+        try:
+            importlib.import_module("kernels.topk.op")
+        except ImportError as e:
+            assert "import rtdetr_kernels" in str(e), e
+        else:
+            raise AssertionError("kernels.topk.op imported")
+        assert all(custom_ops.OPDEF_TO_LIB[k] is v for k, v in libraries.items()), "an op was redefined"
+        scores, indices, _ = rtdetr_kernels.topk_select(torch.randn(2, 9, 3), 4)
+        assert indices.shape == (2, 4)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", body], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
