@@ -17,6 +17,11 @@ if os.environ.get("RTDETR_TEST_NO_INTERPRETER", "0") != "1":
         _has_gpu = False
     if not _has_gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        if os.environ["TRITON_INTERPRET"] not in ("", "0"):
+            # every interpreted load/store/atomic must stay inside its launch's tensors
+            import triton_bounds
+
+            triton_bounds.install()
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +30,28 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+
+def _forbid_op_redefinition():
+    """Fail loudly where an ``rtdetr_kernels::`` op is defined a second time (torch would replace it and
+    leave the first definition's handles dangling; see kernels/__init__.py)."""
+    try:
+        from torch._library import custom_ops
+    except Exception:  # pragma: no cover
+        return
+    original = getattr(custom_ops, "get_library_allowing_overwrite", None)
+    if original is None or getattr(original, "_rtdetr_guard", False):
+        return
+
+    def guarded(namespace, name):
+        if namespace == "rtdetr_kernels" and f"{namespace}::{name}" in custom_ops.OPDEF_TO_LIB:
+            raise RuntimeError(f"rtdetr_kernels::{name} is being defined a second time (is the package imported "
+                               "under two names?)")
+        return original(namespace, name)
+
+    guarded._rtdetr_guard = True
+    custom_ops.get_library_allowing_overwrite = guarded
+
+
+_forbid_op_redefinition()
