@@ -6,6 +6,8 @@ For every (case, dtype, mode): each of our providers against each anchor (grid_s
 compiled, torch-ms-deform-attn), and deterministic against fast; a ratio > 1 means ours is faster.
 Times are the medians recorded in extra_info (CUDA events on GPU), or with --stat min the minimum
 over the rounds (the steadier statistic on a shared CPU host, where interference only adds time).
+A second table gives the peak memory of forward+backward (extra_info['peak_mem_mb']: the CUDA
+allocator's peak on GPU, the profiler's allocation trace on CPU), ours as a fraction of each anchor's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ OURS = ("cuda", "triton", "cpu")
 ANCHORS = ("reference-grid-sample", "reference-grid-sample-compiled", "torch-ms-deform-attn")
 
 
-def load(path, stat="median"):
+def load(path, stat="median", field=None):
+    """{(case, dtype, mode): {provider: value}}: times in ms, or extra_info[field] when given."""
     with open(path) as f:
         data = json.load(f)
     groups = defaultdict(dict)
@@ -29,6 +32,11 @@ def load(path, stat="median"):
             continue
         shape = info["shape"]
         key = (f"{shape['case']} N={shape['N']} Lq={shape['Lq']}", info["dtype"], info["mode"])
+        if field is not None:
+            if info.get(field) is not None:
+                groups[key][info["provider"]] = info[field]
+            device = info.get("device", device)
+            continue
         if stat == "min":
             ms = info.get("min_ms", bench["stats"]["min"] * 1e3)
         else:
@@ -47,10 +55,12 @@ def rows(groups):
                 continue
             for anchor in ANCHORS:
                 if anchor in times:
-                    out.append((*key, f"{ours} vs {anchor}", times[ours], times[anchor], times[anchor] / times[ours]))
+                    ratio = times[anchor] / times[ours] if times[ours] else float("inf")
+                    out.append((*key, f"{ours} vs {anchor}", times[ours], times[anchor], ratio))
             det = ours + "-deterministic"
             if det in times:
-                out.append((*key, f"{det} vs {ours}", times[det], times[ours], times[ours] / times[det]))
+                ratio = times[ours] / times[det] if times[det] else float("inf")
+                out.append((*key, f"{det} vs {ours}", times[det], times[ours], ratio))
     return out
 
 
@@ -68,6 +78,14 @@ def main(argv):
     print("|---|---|---|---|---|---|---|")
     for case, dtype, mode, what, ours, other, ratio in rows(groups):
         print(f"| {case} | {dtype} | {mode} | {what} | {ours:.3f} | {other:.3f} | {ratio:.2f}x |")
+    _, memory = load(argv[0], field="peak_mem_mb")
+    if memory:
+        print("\nPeak memory of forward+backward (MB above the inputs); fraction < 1: ours uses less\n")
+        print("| case | dtype | comparison | ours MB | other MB | fraction |")
+        print("|---|---|---|---|---|---|")
+        for case, dtype, mode, what, ours, other, _ in rows(memory):
+            if "deterministic" not in what:
+                print(f"| {case} | {dtype} | {what} | {ours:.1f} | {other:.1f} | {ours / other:.2f} |")
     return 0
 
 

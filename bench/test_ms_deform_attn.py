@@ -11,7 +11,7 @@ On CPU only N in {1, 8} with Lq 300 (and the encoder shape) run: the grid_sample
 seconds per call beyond that. torch.compile runs on CPU at the smallest case only (mark
 `compiled`), and float16 / bfloat16 (AMP layout: fp32 locations) at the 640 px decoder shapes only. Every provider's output and three gradients are checked against the float64 reference
 before it is timed. Times are medians, with the minimum also recorded (min_ms); GPU times are CUDA-event medians (extra_info['cuda_event_median_ms']); peak
-memory of forward+backward is in extra_info['peak_mem_mb']. `python bench/ratios.py JSON` prints
+memory of forward+backward (CUDA allocator peak on GPU, profiler allocation trace on CPU) is in extra_info['peak_mem_mb']. `python bench/ratios.py JSON` prints
 the ratios from one run.
 """
 
@@ -157,6 +157,25 @@ def _timer(fn, rounds):
     return statistics.median(times), min(times)
 
 
+def _cpu_peak_mb(fn):
+    """Peak of the bytes ``fn`` holds allocated at once through torch's CPU allocator, from the
+    profiler's trace of every allocation and free in order (the CPU has no allocator statistics like
+    CUDA's max_memory_allocated). None where this torch's profiler does not expose the trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    events = sorted((e for e in results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak / 2**20
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-N{c[2]}-Lq{c[3]}")
@@ -211,6 +230,8 @@ def test_ms_deform_attn(benchmark, provider, case, dtype, mode):
             run()
             torch.cuda.synchronize()
             peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        elif mode == "forward+backward" and not slow:
+            peak_mb = _cpu_peak_mb(run)
         benchmark.extra_info.update(
             op="ms_deform_attn", provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
             shape={"case": name, "N": n, "Lq": lq, "S": sum(h * w for h, w in shapes), "M": 8, "D": 32,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rtdetr_kernels
 from rtdetr_kernels import backends
 from helpers import require_extension
 from msda_oracle import check_against_oracle, make_inputs, oracle, run
@@ -92,3 +93,28 @@ def test_low_precision_rows_convert_exactly(isa, D, dtype):
             want = want.to(dtype).double()
         scale = max(float(want.abs().max()), 1.0)
         assert float((got - want).abs().max()) <= eps * scale, f"{isa} {dtype} D={D} {what}"
+
+
+@pytest.mark.parametrize("D", [32, 64, 5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_output_rounds_like_torch(isa, D, dtype):
+    """The float32 result is narrowed to float16/bfloat16 exactly as torch's conversion does (round to
+    nearest even, overflow to inf, subnormals, NaN), exactly: one point per head, placed on a pixel
+    centre (bilinear weights 1, 0, 0, 0), so the float32 result is exactly fl32(weight * value)."""
+    gen = torch.Generator().manual_seed(D + (dtype == torch.bfloat16))
+    N, Lq, M, H, W = 2, 7, 3, 4, 8
+    big = 60000.0 if dtype == torch.float16 else 3.0e38
+    value = (torch.randn(N, H * W, M, D, generator=gen) * torch.tensor([1e-6, 1.0, 1e3, big])[
+        torch.randint(0, 4, (N, H * W, M, D), generator=gen)]).to(dtype)
+    ys = torch.randint(0, H, (N, Lq, M, 1), generator=gen)
+    xs = torch.randint(0, W, (N, Lq, M, 1), generator=gen)
+    value[0, int(ys[0, 0, 0]) * W + int(xs[0, 0, 0]), 0, :3] = torch.tensor([float("nan"), float("-inf"), 1e-30])
+    loc = torch.stack([(xs + 0.5) / W, (ys + 0.5) / H], dim=-1).float()  # exact pixel centres
+    weights = (torch.rand(N, Lq, M, 1, generator=gen) * 3).float()
+    got = rtdetr_kernels.ms_deform_attn(value, torch.tensor([[H, W]]), loc, weights, backend="cpu")
+    rows = value.float()[torch.arange(N)[:, None, None], (ys * W + xs)[..., 0], torch.arange(M)]  # [N, Lq, M, D]
+    want = (weights * rows).to(dtype).reshape(N, Lq, M * D)
+    assert got.dtype == dtype
+    same = (got == want) | (got.isnan() & want.isnan())  # exact; a zero's sign is not compared (0 + -0 = 0)
+    assert bool(same.all()), f"{isa} {dtype} D={D}: {int((~same).sum())} outputs differ, e.g. {got[~same][:4]} vs {want[~same][:4]}"
+    assert bool(want.isinf().any()) and bool(want.isnan().any())  # the special values were exercised

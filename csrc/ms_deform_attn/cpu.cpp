@@ -95,7 +95,7 @@ void forward_cpu(const scalar_t* value, const acc_t* loc, const acc_t* attn, sca
 
 template <typename scalar_t, typename acc_t>
 void backward_cpu(const scalar_t* grad_out, const scalar_t* value, const acc_t* loc, const acc_t* attn,
-                  acc_t* grad_value, acc_t* grad_loc, acc_t* grad_attn, const Problem& p) {
+                  scalar_t* grad_value, acc_t* grad_loc, acc_t* grad_attn, const Problem& p) {
   const bool avx2 = use_avx2();
   at::parallel_for(0, p.N * p.M, 1, [&](int64_t begin, int64_t end) {
 #ifdef RTDETR_CPU_AVX2
@@ -134,8 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
   const at::ScalarType coord = coord_type(value);
   const at::Tensor loc = as_coord(loc_in, coord), attn = as_coord(attn_in, coord);
   const auto acc_opts = value.options().dtype(coord);
-  // Gradients are accumulated in the math type and cast once at the end.
-  at::Tensor grad_value = need_value ? at::empty(value.sizes(), acc_opts) : at::Tensor();  // zeroed per slice
+  // grad_value is accumulated in the math type, slice by slice, and written in value's dtype (see
+  // cpu_kernels.h); the location and weight gradients are in the math type and cast at the end.
+  at::Tensor grad_value = need_value ? at::empty(value.sizes(), value.options()) : at::Tensor();  // zeroed per slice
   if (need_value) advise_huge_pages(grad_value);
   at::Tensor grad_loc = need_loc ? at::zeros(loc.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_attn = need_attn ? at::zeros(attn.sizes(), acc_opts) : at::Tensor();
@@ -143,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       backward_cpu<scalar_t, acc_t>(grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), loc.data_ptr<acc_t>(),
-                                    attn.data_ptr<acc_t>(), need_value ? grad_value.data_ptr<acc_t>() : nullptr,
+                                    attn.data_ptr<acc_t>(), need_value ? grad_value.data_ptr<scalar_t>() : nullptr,
                                     need_loc ? grad_loc.data_ptr<acc_t>() : nullptr,
                                     need_attn ? grad_attn.data_ptr<acc_t>() : nullptr, p);
     });
