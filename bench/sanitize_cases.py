@@ -16,6 +16,7 @@ reports the bad accesses. ``--check`` adds a loose forward comparison with the r
   python bench/sanitize_cases.py --list            # enumerate the cases (works without a GPU)
   python bench/sanitize_cases.py                   # run all of them on CUDA
   python bench/sanitize_cases.py --backend cuda -k discrete --json out.json
+  python bench/sanitize_cases.py --backend triton --interpret --check   # no GPU: bounds-checked interpreter
 
 Ops are discovered from ``rtdetr_kernels.backends.registered_ops()``; an op is run on a backend
 only when ``backends.why_not(backend, ...)`` says the backend exists for it. A registered op with no
@@ -417,7 +418,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--require", default="", help="comma-separated backends that must be usable (else exit 1)")
     parser.add_argument("--strict", action="store_true", help="fail when a registered op has no cases here")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--interpret", action="store_true",
+                        help="CPU stand-in for memcheck: run the triton backend on CPU tensors under the Triton "
+                             "interpreter, with every load, store and atomic bounds-checked (tests/triton_bounds.py)")
     args = parser.parse_args(argv)
+    if args.interpret:
+        if "triton" in sys.modules or "rtdetr_kernels" in sys.modules:
+            print("sanitize_cases: --interpret must be given before triton is imported", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        import triton_bounds
+
+        if not triton_bounds.install():
+            print("sanitize_cases: the Triton interpreter is not available", file=sys.stderr)
+            return 2
+        args.device = "cpu"
 
     import rtdetr_kernels as rk
 

@@ -84,3 +84,24 @@ def test_atomic_out_of_bounds_is_caught():
 def test_outside_a_launch():
     with pytest.raises(triton_bounds.TritonOutOfBounds, match="outside a kernel launch"):
         triton_bounds.check("load", [0], None, 4)
+
+
+def test_sanitize_cases_interpret_mode():
+    """`bench/sanitize_cases.py --interpret`: the GPU suite's sanitizer cases run on CPU tensors through the
+    bounds-checked interpreter (a fresh process, as it must set TRITON_INTERPRET before triton loads)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = os.path.join(root, ".pytest_cache", "sanitize_interpret.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "sanitize_cases.py"), "--backend", "triton",
+                           "--interpret", "--check", "-k", "D5-bilinear-edges-N2-Lq7-L16", "--json", out],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out) as f:
+        records = json.load(f)
+    cases = records["cases"]
+    assert cases and all(c["status"] == "ok" for c in cases), cases
