@@ -21,11 +21,12 @@
 //
 // Forward: parallel over (n, m, q) heads in that order. Backward: parallel over (n, m) slices, each
 // task owning its slice of grad_value and walking the queries in order, so the result is
-// deterministic for any thread count and needs no atomics. It makes two passes over a slice's points:
-// the first reads value and takes the four dot products <grad_out, corner> from which the weight and
-// location grads follow, the second scatters grad_out into the four corners of the slice's buffer (one pass
-// doing both was measured slower, and so was gathering grad_value row by row from the terms bucketed
-// by row with a counting sort).
+// deterministic for any thread count and needs no atomics. Per point it reads the four corners of
+// value and takes the dot products <grad_out, corner> from which the weight and location grads follow,
+// and scatters grad_out into the same four corners of the slice's grad_value buffer. (Two passes, one
+// for each, were faster while grad_value was accumulated in place, and equal or slower since it has its
+// own buffer; gathering grad_value row by row from the terms bucketed by row with a counting sort was
+// slower.)
 
 // Rows of one (n, m) slice of a [N, S, M, D] tensor: row r is at base + r * M * D.
 template <typename T>
@@ -260,7 +261,8 @@ void backward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ gra
                     scalar_t* grad_value, acc_t* __restrict__ grad_loc, acc_t* __restrict__ grad_attn, const Problem& p) {
   const int64_t D = kD > 0 ? kD : p.D;
   const bool bilinear = p.method == kBilinear;
-  const bool point_grads = grad_attn != nullptr || (grad_loc != nullptr && bilinear);
+  const bool do_points = grad_attn != nullptr || (grad_loc != nullptr && bilinear);
+  const bool do_value = grad_value != nullptr;
   const std::vector<acc_t> zeros(D, acc_t(0));
   const std::vector<scalar_t> zeros_raw(kWidenInline<scalar_t, acc_t, kD> ? D : 0, scalar_t(0.0f));
   RowReader<scalar_t, acc_t> read(D);
@@ -268,45 +270,42 @@ void backward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ gra
   // grad_value is accumulated slice by slice in a contiguous [S, D] buffer in the math type (1 MB at
   // 640 px: it stays in cache, where the slice's rows in grad_value lie M * D apart), then written out
   // row by row in value's dtype: no full-size float32 copy for float16/bfloat16, and no cast pass
-  std::vector<acc_t> slice_acc(grad_value != nullptr ? p.S * D : 0);
+  std::vector<acc_t> slice_acc(do_value ? p.S * D : 0);
   for (int64_t slice = begin; slice < end; ++slice) {
     const int64_t n = slice / p.M, m = slice % p.M;
-    // Two passes over the slice's points: the weight and location grads (reading value), then
-    // grad_value (writing it); one pass touching both slices at once was measured slower.
-    for (int pass = 0; pass < 2; ++pass) {
-      const bool points_pass = pass == 0;
-      if (points_pass ? !point_grads : grad_value == nullptr) continue;
-      const SliceRows<const scalar_t> rows = value_rows(value, n, m, p, D);
-      SliceRows<acc_t> grad_rows{nullptr, 0};
-      if (!points_pass) {
-        grad_rows = {slice_acc.data(), D};
-        std::fill(slice_acc.begin(), slice_acc.end(), acc_t(0));
-      }
-      for (int64_t q = 0; q < p.Lq; ++q) {
-        const int64_t head = (n * p.Lq + q) * p.M + m;
-        const acc_t* __restrict__ g = read(grad_out + head * D, 4);
-        for (int l = 0; l < p.levels.num_levels; ++l) {
-          const int64_t H = p.levels.height[l], W = p.levels.width[l];
-          const int64_t first = p.levels.point_start[l], last = first + p.levels.num_points[l];
-          for (int64_t pt = first; pt < last; ++pt) {
-            const int64_t point = head * p.P + pt;
-            const Sample<acc_t> s = sample_point(loc[2 * point], loc[2 * point + 1], H, W, p.method);
-            if (!s.valid) continue;  // grads of a skipped point stay 0
-            const Corners<acc_t> k = corners_of(s, H, W, p.levels.start[l]);
-            const acc_t a = attn[point];
-            if (points_pass) {
-              // <grad_out, corner k> for the four corners; every corner inside the level is read, weight 0
-              // or not: on a bilinear knot the location grad still depends on the neighbour (zeros outside)
-              acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+    // one pass over the slice's points: the weight and location grads (reading value) and grad_value
+    // (accumulating into the slice's buffer)
+    const SliceRows<const scalar_t> rows = value_rows(value, n, m, p, D);
+    SliceRows<acc_t> grad_rows{nullptr, 0};
+    if (do_value) {
+      grad_rows = {slice_acc.data(), D};
+      std::fill(slice_acc.begin(), slice_acc.end(), acc_t(0));
+    }
+    for (int64_t q = 0; q < p.Lq; ++q) {
+      const int64_t head = (n * p.Lq + q) * p.M + m;
+      const acc_t* __restrict__ g = read(grad_out + head * D, 4);
+      for (int l = 0; l < p.levels.num_levels; ++l) {
+        const int64_t H = p.levels.height[l], W = p.levels.width[l];
+        const int64_t first = p.levels.point_start[l], last = first + p.levels.num_points[l];
+        for (int64_t pt = first; pt < last; ++pt) {
+          const int64_t point = head * p.P + pt;
+          const Sample<acc_t> s = sample_point(loc[2 * point], loc[2 * point + 1], H, W, p.method);
+          if (!s.valid) continue;  // grads of a skipped point stay 0
+          const Corners<acc_t> k = corners_of(s, H, W, p.levels.start[l]);
+          const acc_t a = attn[point];
+          if (do_points) {
+            // <grad_out, corner k> for the four corners; every corner inside the level is read, weight 0
+            // or not: on a bilinear knot the location grad still depends on the neighbour (zeros outside)
+            acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
 #if defined(RTDETR_CPU_F16C)
-              if constexpr (kWidenInline<scalar_t, acc_t, kD>) {
-                const scalar_t* z = zeros_raw.data();
-                dot_corners<kD>(g, k.row[0] >= 0 ? rows.row(k.row[0]) : z, k.row[1] >= 0 ? rows.row(k.row[1]) : z,
-                                k.row[2] >= 0 ? rows.row(k.row[2]) : z, k.row[3] >= 0 ? rows.row(k.row[3]) : z,
-                                d0, d1, d2, d3);
-              } else
+            if constexpr (kWidenInline<scalar_t, acc_t, kD>) {
+              const scalar_t* z = zeros_raw.data();
+              dot_corners<kD>(g, k.row[0] >= 0 ? rows.row(k.row[0]) : z, k.row[1] >= 0 ? rows.row(k.row[1]) : z,
+                              k.row[2] >= 0 ? rows.row(k.row[2]) : z, k.row[3] >= 0 ? rows.row(k.row[3]) : z,
+                              d0, d1, d2, d3);
+            } else
 #endif
-              {
+            {
               const acc_t* __restrict__ v0 = k.row[0] >= 0 ? read(rows.row(k.row[0]), 0) : zeros.data();
               const acc_t* __restrict__ v1 = k.row[1] >= 0 ? read(rows.row(k.row[1]), 1) : zeros.data();
               const acc_t* __restrict__ v2 = k.row[2] >= 0 ? read(rows.row(k.row[2]), 2) : zeros.data();
@@ -318,35 +317,35 @@ void backward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ gra
                 d2 += g[c] * v2[c];
                 d3 += g[c] * v3[c];
               }
-              }
-              if (grad_attn != nullptr)
-                grad_attn[point] = k.weight[0] * d0 + k.weight[1] * d1 + k.weight[2] * d2 + k.weight[3] * d3;
-              if (grad_loc != nullptr && bilinear) {
-                // d(sample)/dx = hy * (v01 - v00) + ly * (v11 - v10), likewise for y; x = loc_x * W - 0.5
-                grad_loc[2 * point] = static_cast<acc_t>(W) * a * (s.hy * (d1 - d0) + s.ly * (d3 - d2));
-                grad_loc[2 * point + 1] = static_cast<acc_t>(H) * a * (s.hx * (d2 - d0) + s.lx * (d3 - d1));
-              }
-            } else {
-              acc_t* __restrict__ r0 = k.weight[0] != acc_t(0) ? grad_rows.row(k.row[0]) : scratch.data();
-              acc_t* __restrict__ r1 = k.weight[1] != acc_t(0) ? grad_rows.row(k.row[1]) : scratch.data() + D;
-              acc_t* __restrict__ r2 = k.weight[2] != acc_t(0) ? grad_rows.row(k.row[2]) : scratch.data() + 2 * D;
-              acc_t* __restrict__ r3 = k.weight[3] != acc_t(0) ? grad_rows.row(k.row[3]) : scratch.data() + 3 * D;
-              const acc_t w0 = a * k.weight[0], w1 = a * k.weight[1], w2 = a * k.weight[2], w3 = a * k.weight[3];
+            }
+            if (grad_attn != nullptr)
+              grad_attn[point] = k.weight[0] * d0 + k.weight[1] * d1 + k.weight[2] * d2 + k.weight[3] * d3;
+            if (grad_loc != nullptr && bilinear) {
+              // d(sample)/dx = hy * (v01 - v00) + ly * (v11 - v10), likewise for y; x = loc_x * W - 0.5
+              grad_loc[2 * point] = static_cast<acc_t>(W) * a * (s.hy * (d1 - d0) + s.ly * (d3 - d2));
+              grad_loc[2 * point + 1] = static_cast<acc_t>(H) * a * (s.hx * (d2 - d0) + s.lx * (d3 - d1));
+            }
+          }
+          if (do_value) {
+            acc_t* __restrict__ r0 = k.weight[0] != acc_t(0) ? grad_rows.row(k.row[0]) : scratch.data();
+            acc_t* __restrict__ r1 = k.weight[1] != acc_t(0) ? grad_rows.row(k.row[1]) : scratch.data() + D;
+            acc_t* __restrict__ r2 = k.weight[2] != acc_t(0) ? grad_rows.row(k.row[2]) : scratch.data() + 2 * D;
+            acc_t* __restrict__ r3 = k.weight[3] != acc_t(0) ? grad_rows.row(k.row[3]) : scratch.data() + 3 * D;
+            const acc_t w0 = a * k.weight[0], w1 = a * k.weight[1], w2 = a * k.weight[2], w3 = a * k.weight[3];
 #pragma omp simd
-              for (int64_t c = 0; c < D; ++c) {
-                r0[c] += w0 * g[c];
-                r1[c] += w1 * g[c];
-                r2[c] += w2 * g[c];
-                r3[c] += w3 * g[c];
-              }
+            for (int64_t c = 0; c < D; ++c) {
+              r0[c] += w0 * g[c];
+              r1[c] += w1 * g[c];
+              r2[c] += w2 * g[c];
+              r3[c] += w3 * g[c];
             }
           }
         }
       }
-      if (!points_pass) {  // the task's own slice of grad_value, written whole
-        const SliceRows<scalar_t> out_rows{grad_value + (n * p.S * p.M + m) * D, p.M * D};
-        for (int64_t r = 0; r < p.S; ++r) store_row(grad_rows.row(r), out_rows.row(r), D);
-      }
+    }
+    if (do_value) {  // the task's own slice of grad_value, written whole
+      const SliceRows<scalar_t> out_rows{grad_value + (n * p.S * p.M + m) * D, p.M * D};
+      for (int64_t r = 0; r < p.S; ++r) store_row(grad_rows.row(r), out_rows.row(r), D);
     }
   }
 }
