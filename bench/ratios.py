@@ -6,7 +6,8 @@ For every (case, dtype, mode): each of our providers against each anchor (grid_s
 compiled, torch-ms-deform-attn), and deterministic against fast; a ratio > 1 means ours is faster.
 Times are the medians recorded in extra_info (CUDA events on GPU), or with --stat min the minimum
 over the rounds (the steadier statistic on a shared CPU host, where interference only adds time).
-A second table gives the peak memory of forward+backward (extra_info['peak_mem_mb']: the CUDA
+The paired table (bench test_ms_deform_attn_paired) has ours and each anchor timed alternately, call
+by call: the steadiest ratio on a shared host. A last table gives the peak memory of forward+backward (extra_info['peak_mem_mb']: the CUDA
 allocator's peak on GPU, the profiler's allocation trace on CPU), ours as a fraction of each anchor's.
 """
 
@@ -28,7 +29,7 @@ def load(path, stat="median", field=None):
     device = None
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        if info.get("op") != "ms_deform_attn":
+        if info.get("op") != "ms_deform_attn" or info.get("kind") == "paired":
             continue
         shape = info["shape"]
         key = (f"{shape['case']} N={shape['N']} Lq={shape['Lq']}", info["dtype"], info["mode"])
@@ -44,6 +45,22 @@ def load(path, stat="median", field=None):
         groups[key][info["provider"]] = ms
         device = info.get("device", device)
     return device, groups
+
+
+def paired(path):
+    """Rows of the paired benchmarks (ours and an anchor called alternately): one per (case, anchor)."""
+    with open(path) as f:
+        data = json.load(f)
+    out = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if info.get("op") != "ms_deform_attn" or info.get("kind") != "paired":
+            continue
+        shape = info["shape"]
+        out.append((f"{shape['case']} N={shape['N']} Lq={shape['Lq']}", info["dtype"], info["mode"],
+                    f"{info['provider']} vs {info['anchor']}", info["ours_min_ms"], info["anchor_min_ms"],
+                    info["paired_ratio_median"], info["paired_ratio_p10"], info["rounds"]))
+    return sorted(out)
 
 
 def rows(groups):
@@ -78,6 +95,14 @@ def main(argv):
     print("|---|---|---|---|---|---|---|")
     for case, dtype, mode, what, ours, other, ratio in rows(groups):
         print(f"| {case} | {dtype} | {mode} | {what} | {ours:.3f} | {other:.3f} | {ratio:.2f}x |")
+    pairs = paired(argv[0])
+    if pairs:
+        print("\nPaired: ours and the anchor called alternately, so both see the same machine; speedup = median"
+              " over the rounds of anchor / ours (p10: the 10th percentile), times = each one's minimum\n")
+        print("| case | dtype | mode | comparison | ours ms | other ms | speedup | p10 | rounds |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for case, dtype, mode, what, ours, other, ratio, p10, rounds in pairs:
+            print(f"| {case} | {dtype} | {mode} | {what} | {ours:.3f} | {other:.3f} | {ratio:.2f}x | {p10:.2f}x | {rounds} |")
     _, memory = load(argv[0], field="peak_mem_mb")
     if memory:
         print("\nPeak memory of forward+backward (MB above the inputs); fraction < 1: ours uses less\n")

@@ -7,12 +7,18 @@ backends usable on the device (cpu on CPU; cuda and triton, each also in determi
 GPU), RT-DETR's grid_sample core eager and under torch.compile, and the PyPI package
 torch-ms-deform-attn when it is installed (optional; never a requirement).
 
-On CPU only N in {1, 8} with Lq 300 (and the encoder shape) run: the grid_sample reference takes
-seconds per call beyond that. torch.compile runs on CPU at the smallest case only (mark
-`compiled`), and float16 / bfloat16 (AMP layout: fp32 locations) at the 640 px decoder shapes only. Every provider's output and three gradients are checked against the float64 reference
-before it is timed. Times are medians, with the minimum also recorded (min_ms); GPU times are CUDA-event medians (extra_info['cuda_event_median_ms']); peak
-memory of forward+backward (CUDA allocator peak on GPU, profiler allocation trace on CPU) is in extra_info['peak_mem_mb']. `python bench/ratios.py JSON` prints
-the ratios from one run.
+On CPU only N in {1, 8} (Lq 500 at N=1 only) and the encoder shape run: the grid_sample reference
+takes seconds per call beyond that. torch.compile runs on CPU at the smallest case only (mark
+`compiled`), and float16 / bfloat16 (AMP layout: fp32 locations) at the 640 px decoder shapes only.
+Every provider's output and three gradients are checked against the float64 reference before it
+is timed.
+
+test_ms_deform_attn times each provider on its own: medians, with the minimum also recorded
+(min_ms; on CPU about 1.5 s of rounds per provider); GPU times are CUDA-event medians
+(extra_info['cuda_event_median_ms']); peak memory of forward+backward (CUDA allocator peak on GPU,
+profiler allocation trace on CPU) is in extra_info['peak_mem_mb']. test_ms_deform_attn_paired
+calls ours and each anchor alternately and records the median of the per-round ratios, which a
+shared host's drifting speed does not bias. `python bench/ratios.py JSON` prints all of it.
 """
 
 from __future__ import annotations
@@ -219,8 +225,13 @@ def test_ms_deform_attn(benchmark, provider, case, dtype, mode):
 
         slow = DEVICE == "cpu" and provider.startswith("reference") and n >= 8
         # on a shared CPU host other work only ever adds time: min_ms (also recorded) is the steadier
-        # statistic there; `ratios.py --stat min` uses it
-        rounds = 5 if slow else (30 if DEVICE == "cpu" else 50)
+        # statistic there (`ratios.py --stat min` uses it), the more so the more rounds it sees: on CPU
+        # every provider gets about 1.5 s of rounds (10 to 200)
+        if DEVICE == "cpu":
+            _, once_ms = _timer(run, 1)
+            rounds = max(10, min(200, int(1500 / max(once_ms, 1e-3))))
+        else:
+            rounds = 50
         median_ms, min_ms = _timer(run, rounds)
         peak_mb = None
         if DEVICE == "cuda" and mode == "forward+backward":
@@ -230,7 +241,7 @@ def test_ms_deform_attn(benchmark, provider, case, dtype, mode):
             run()
             torch.cuda.synchronize()
             peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-        elif mode == "forward+backward" and not slow:
+        elif mode == "forward+backward":
             peak_mb = _cpu_peak_mb(run)
         benchmark.extra_info.update(
             op="ms_deform_attn", provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
@@ -241,6 +252,85 @@ def test_ms_deform_attn(benchmark, provider, case, dtype, mode):
             benchmark.extra_info["cuda_event_median_ms"] = median_ms
         if peak_mb is not None:
             benchmark.extra_info["peak_mem_mb"] = peak_mb
-        benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=1)
+        # pytest-benchmark's own statistics (the JSON's "stats"), from a few more rounds
+        benchmark.pedantic(synced, rounds=min(rounds, 20), iterations=1, warmup_rounds=1)
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Paired ratios: ours and one anchor called in alternation
+# --------------------------------------------------------------------------------------------
+# On a shared host the machine's speed drifts over seconds, and the per-provider benchmarks above
+# time each provider at a different moment; their ratios then carry that drift. Here ours and the
+# anchor run alternately (A B A B ...), so neighbouring calls see the same machine: the recorded
+# ratio is the median over the rounds of anchor_i / ours_i (and the ratio of the two minimums).
+
+PAIRED_ANCHORS = ["reference-grid-sample"] + _pypi()
+
+
+def _paired_ours():
+    return "cuda" if DEVICE == "cuda" and "cuda" in PROVIDERS else ("cpu" if "cpu" in PROVIDERS else None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-N{c[2]}-Lq{c[3]}")
+@pytest.mark.parametrize("anchor", PAIRED_ANCHORS)
+def test_ms_deform_attn_paired(benchmark, anchor, case, dtype, mode):
+    name, shapes, n, lq = case
+    ours = _paired_ours()
+    if ours is None:
+        pytest.skip("no compiled backend to pair")
+    if anchor == "torch-ms-deform-attn" and DEVICE == "cpu" and dtype != torch.float32:
+        pytest.skip("compared in float32 on CPU")
+    if DEVICE == "cpu" and dtype != torch.float32 and name != "decoder640":
+        pytest.skip("float16 / bfloat16 run on CPU at the 640 px decoder shapes only")
+    if budget_left() <= 0:
+        pytest.skip("benchmark time budget spent")
+    v, l, w, g = _inputs(shapes, n, lq, dtype)
+    runs = {}
+    for provider in (ours, anchor):
+        fn = _function(provider, shapes)
+        _check(provider, fn, shapes, n, lq, dtype)
+        leaves = [t.detach().clone().requires_grad_(mode != "forward") for t in (v, l, w)]
+        if mode == "forward":
+            def run(fn=fn, leaves=leaves):
+                with torch.no_grad():
+                    return fn(*leaves)
+        elif mode == "backward":
+            out = fn(*leaves)
+
+            def run(out=out, leaves=leaves):
+                return torch.autograd.grad(out, leaves, g, retain_graph=True)
+        else:
+            def run(fn=fn, leaves=leaves):
+                return torch.autograd.grad(fn(*leaves), leaves, g)
+        runs[provider] = run
+    _, once_ours = _timer(runs[ours], 1)
+    _, once_anchor = _timer(runs[anchor], 1)
+    budget_ms = 3000 if DEVICE == "cpu" else 1000
+    rounds = max(8, min(200, int(budget_ms / max(once_ours + once_anchor, 1e-3))))
+    times = {ours: [], anchor: []}
+    for i in range(rounds):
+        order = (ours, anchor) if i % 2 == 0 else (anchor, ours)
+        for provider in order:
+            times[provider].append(_timer(runs[provider], 1)[1] if DEVICE == "cuda" else _wall(runs[provider]))
+    ratios = sorted(a / o for a, o in zip(times[anchor], times[ours]))
+    benchmark.extra_info.update(
+        op="ms_deform_attn", kind="paired", provider=ours, anchor=anchor, mode=mode,
+        dtype=str(dtype).replace("torch.", ""),
+        shape={"case": name, "N": n, "Lq": lq, "S": sum(h * w for h, w in shapes), "M": 8, "D": 32,
+               "L": len(shapes), "P": 4},
+        device=device_name(DEVICE), rounds=rounds, paired_ratio_median=statistics.median(ratios),
+        paired_ratio_p10=ratios[len(ratios) // 10], paired_ratio_of_mins=min(times[anchor]) / min(times[ours]),
+        ours_min_ms=min(times[ours]), anchor_min_ms=min(times[anchor]))
+    benchmark.pedantic(runs[ours], rounds=3, iterations=1, warmup_rounds=0)
+
+
+def _wall(fn):
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
