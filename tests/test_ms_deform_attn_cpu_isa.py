@@ -33,7 +33,7 @@ def isa(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("D", [32, 64, 5])
+@pytest.mark.parametrize("D", [32, 64, 16, 5])  # 16: generic loops, vector grad_value write-out
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("method", ["bilinear", "discrete"])
 def test_cpu_builds_match_oracle(isa, D, dtype, method):
@@ -75,7 +75,7 @@ def test_builds_agree_in_float64(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("D", [32, 64, 13, 5])
+@pytest.mark.parametrize("D", [32, 64, 24, 13, 5])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_rows_convert_exactly(isa, D, dtype):
     """float16/bfloat16 value and grad_out rows are widened to float32 (8 channels at a time in the AVX2
