@@ -182,12 +182,8 @@ def _cpu_peak_mb(fn):
     return peak / 2**20
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-N{c[2]}-Lq{c[3]}")
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_ms_deform_attn(benchmark, provider, case, dtype, mode):
-    name, shapes, n, lq = case
+def _skip_unless_timed(provider, case, dtype):
+    """The CPU runs a subset (see the module docstring); every run stops at the time budget."""
     if provider == "reference-grid-sample-compiled" and DEVICE == "cpu" and case != CASES[0]:
         pytest.skip("torch.compile of the reference runs on CPU at the smallest case only")
     if provider == "torch-ms-deform-attn" and DEVICE == "cpu" and dtype != torch.float32:
@@ -196,26 +192,55 @@ def test_ms_deform_attn(benchmark, provider, case, dtype, mode):
         pytest.skip("float16 / bfloat16 run on CPU at the 640 px decoder shapes only")
     if budget_left() <= 0:
         pytest.skip("benchmark time budget spent")
+
+
+def _runner(fn, inputs, mode):
+    """A no-argument callable doing ``mode`` on fresh leaves (backward: from a graph built once)."""
+    v, l, w, g = inputs
+    leaves = [t.detach().clone().requires_grad_(mode != "forward") for t in (v, l, w)]
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn(*leaves)
+    elif mode == "backward":
+        out = fn(*leaves)
+
+        def run():
+            return torch.autograd.grad(out, leaves, g, retain_graph=True)
+    else:
+        def run():
+            return torch.autograd.grad(fn(*leaves), leaves, g)
+    return run
+
+
+def _shape_info(case):
+    name, shapes, n, lq = case
+    return {"case": name, "N": n, "Lq": lq, "S": sum(h * w for h, w in shapes), "M": 8, "D": 32, "L": len(shapes),
+            "P": 4}
+
+
+PARAMS = [pytest.mark.parametrize("mode", MODES),
+          pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", "")),
+          pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-N{c[2]}-Lq{c[3]}")]
+
+
+def _over_cases(test):
+    for mark in PARAMS:
+        test = mark(test)
+    return test
+
+
+@_over_cases
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_ms_deform_attn(benchmark, provider, case, dtype, mode):
+    name, shapes, n, lq = case
+    _skip_unless_timed(provider, case, dtype)
     fn = _function(provider, shapes)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(_deterministic(provider))
     try:
         _check(provider, fn, shapes, n, lq, dtype)
-        v, l, w, g = _inputs(shapes, n, lq, dtype)
-        leaves = [t.detach().clone().requires_grad_(mode != "forward") for t in (v, l, w)]
-
-        if mode == "forward":
-            def run():
-                with torch.no_grad():
-                    return fn(*leaves)
-        elif mode == "backward":
-            out = fn(*leaves)
-
-            def run():
-                return torch.autograd.grad(out, leaves, g, retain_graph=True)
-        else:
-            def run():
-                return torch.autograd.grad(fn(*leaves), leaves, g)
+        run = _runner(fn, _inputs(shapes, n, lq, dtype), mode)
 
         def synced():
             result = run()
@@ -223,7 +248,6 @@ def test_ms_deform_attn(benchmark, provider, case, dtype, mode):
                 torch.cuda.synchronize()
             return result
 
-        slow = DEVICE == "cpu" and provider.startswith("reference") and n >= 8
         # on a shared CPU host other work only ever adds time: min_ms (also recorded) is the steadier
         # statistic there (`ratios.py --stat min` uses it), the more so the more rounds it sees: on CPU
         # every provider gets about 1.5 s of rounds (10 to 200)
@@ -245,9 +269,7 @@ def test_ms_deform_attn(benchmark, provider, case, dtype, mode):
             peak_mb = _cpu_peak_mb(run)
         benchmark.extra_info.update(
             op="ms_deform_attn", provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
-            shape={"case": name, "N": n, "Lq": lq, "S": sum(h * w for h, w in shapes), "M": 8, "D": 32,
-                   "L": len(shapes), "P": 4},
-            device=device_name(DEVICE), median_ms=median_ms, min_ms=min_ms)
+            shape=_shape_info(case), device=device_name(DEVICE), median_ms=median_ms, min_ms=min_ms)
         if DEVICE == "cuda":
             benchmark.extra_info["cuda_event_median_ms"] = median_ms
         if peak_mb is not None:
@@ -273,40 +295,19 @@ def _paired_ours():
     return "cuda" if DEVICE == "cuda" and "cuda" in PROVIDERS else ("cpu" if "cpu" in PROVIDERS else None)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-N{c[2]}-Lq{c[3]}")
+@_over_cases
 @pytest.mark.parametrize("anchor", PAIRED_ANCHORS)
 def test_ms_deform_attn_paired(benchmark, anchor, case, dtype, mode):
     name, shapes, n, lq = case
     ours = _paired_ours()
     if ours is None:
         pytest.skip("no compiled backend to pair")
-    if anchor == "torch-ms-deform-attn" and DEVICE == "cpu" and dtype != torch.float32:
-        pytest.skip("compared in float32 on CPU")
-    if DEVICE == "cpu" and dtype != torch.float32 and name != "decoder640":
-        pytest.skip("float16 / bfloat16 run on CPU at the 640 px decoder shapes only")
-    if budget_left() <= 0:
-        pytest.skip("benchmark time budget spent")
-    v, l, w, g = _inputs(shapes, n, lq, dtype)
+    _skip_unless_timed(anchor, case, dtype)
     runs = {}
     for provider in (ours, anchor):
         fn = _function(provider, shapes)
         _check(provider, fn, shapes, n, lq, dtype)
-        leaves = [t.detach().clone().requires_grad_(mode != "forward") for t in (v, l, w)]
-        if mode == "forward":
-            def run(fn=fn, leaves=leaves):
-                with torch.no_grad():
-                    return fn(*leaves)
-        elif mode == "backward":
-            out = fn(*leaves)
-
-            def run(out=out, leaves=leaves):
-                return torch.autograd.grad(out, leaves, g, retain_graph=True)
-        else:
-            def run(fn=fn, leaves=leaves):
-                return torch.autograd.grad(fn(*leaves), leaves, g)
-        runs[provider] = run
+        runs[provider] = _runner(fn, _inputs(shapes, n, lq, dtype), mode)
     _, once_ours = _timer(runs[ours], 1)
     _, once_anchor = _timer(runs[anchor], 1)
     budget_ms = 3000 if DEVICE == "cpu" else 1000
@@ -320,9 +321,7 @@ def test_ms_deform_attn_paired(benchmark, anchor, case, dtype, mode):
     benchmark.extra_info.update(
         op="ms_deform_attn", kind="paired", provider=ours, anchor=anchor, mode=mode,
         dtype=str(dtype).replace("torch.", ""),
-        shape={"case": name, "N": n, "Lq": lq, "S": sum(h * w for h, w in shapes), "M": 8, "D": 32,
-               "L": len(shapes), "P": 4},
-        device=device_name(DEVICE), rounds=rounds, paired_ratio_median=statistics.median(ratios),
+        shape=_shape_info(case), device=device_name(DEVICE), rounds=rounds, paired_ratio_median=statistics.median(ratios),
         paired_ratio_p10=ratios[len(ratios) // 10], paired_ratio_of_mins=min(times[anchor]) / min(times[ours]),
         ours_min_ms=min(times[ours]), anchor_min_ms=min(times[anchor]))
     benchmark.pedantic(runs[ours], rounds=3, iterations=1, warmup_rounds=0)
