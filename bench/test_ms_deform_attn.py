@@ -24,6 +24,7 @@ shared host's drifting speed does not bias. `python bench/ratios.py JSON` prints
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 
 import pytest
@@ -302,6 +303,8 @@ def test_ms_deform_attn_paired(benchmark, anchor, case, dtype, mode):
     ours = _paired_ours()
     if ours is None:
         pytest.skip("no compiled backend to pair")
+    if DEVICE == "cuda" and os.environ.get("RTDETR_BENCH_PAIRED", "0") != "1":
+        pytest.skip("paired timing is for shared CPU hosts; CUDA events are steady (RTDETR_BENCH_PAIRED=1 runs it)")
     _skip_unless_timed(anchor, case, dtype)
     runs = {}
     for provider in (ours, anchor):
