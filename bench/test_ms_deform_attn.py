@@ -17,8 +17,9 @@ test_ms_deform_attn times each provider on its own: medians, with the minimum al
 (min_ms; on CPU about 1.5 s of rounds per provider); GPU times are CUDA-event medians
 (extra_info['cuda_event_median_ms']); peak memory of forward+backward (CUDA allocator peak on GPU,
 profiler allocation trace on CPU) is in extra_info['peak_mem_mb']. test_ms_deform_attn_paired
-calls ours and each anchor alternately and records the median of the per-round ratios, which a
-shared host's drifting speed does not bias. `python bench/ratios.py JSON` prints all of it.
+(CPU; on GPU with RTDETR_BENCH_PAIRED=1) calls ours and each anchor alternately and records the
+median of the per-round ratios, which a shared host's drifting speed does not bias.
+`python bench/ratios.py JSON` prints all of it.
 """
 
 from __future__ import annotations
