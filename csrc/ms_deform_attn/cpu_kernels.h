@@ -97,6 +97,10 @@ inline void store8(c10::BFloat16* p, __m256 x) {
 
 template <typename scalar_t, typename acc_t, int kD>
 constexpr bool kWidenInline = std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, float> && kD > 0 && kD % 8 == 0;
+// the backward's four dot products use dot_corners for float32 rows too (four independent vector
+// accumulators; measured 5-20% faster backward than the compiler's reduction, no change forward)
+template <typename scalar_t, typename acc_t, int kD>
+constexpr bool kDotIntrinsics = std::is_same_v<acc_t, float> && kD > 0 && kD % 8 == 0;
 
 // acc += w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3 over kD channels, rows widened on the fly
 template <int kD, typename scalar_t>
@@ -138,6 +142,8 @@ inline void dot_corners(const float* g, const scalar_t* v0, const scalar_t* v1, 
 #else
 template <typename scalar_t, typename acc_t, int kD>
 constexpr bool kWidenInline = false;
+template <typename scalar_t, typename acc_t, int kD>
+constexpr bool kDotIntrinsics = false;
 #endif
 
 template <typename scalar_t, typename acc_t>
@@ -281,7 +287,7 @@ void backward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ gra
   const bool do_points = grad_attn != nullptr || (grad_loc != nullptr && bilinear);
   const bool do_value = grad_value != nullptr;
   const std::vector<acc_t> zeros(D, acc_t(0));
-  const std::vector<scalar_t> zeros_raw(kWidenInline<scalar_t, acc_t, kD> ? D : 0, scalar_t(0.0f));
+  const std::vector<scalar_t> zeros_raw(kDotIntrinsics<scalar_t, acc_t, kD> ? D : 0, scalar_t(0.0f));
   RowReader<scalar_t, acc_t> read(D);
   std::vector<acc_t> scratch(4 * D);  // where the grad_value rows of unread corners go
   // grad_value is accumulated slice by slice in a contiguous [S, D] buffer in the math type (1 MB at
@@ -312,7 +318,7 @@ void backward_range(int64_t begin, int64_t end, const scalar_t* __restrict__ gra
             // or not: on a bilinear knot the location grad still depends on the neighbour (zeros outside)
             acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
 #if defined(RTDETR_CPU_F16C)
-            if constexpr (kWidenInline<scalar_t, acc_t, kD>) {
+            if constexpr (kDotIntrinsics<scalar_t, acc_t, kD>) {
               const scalar_t* z = zeros_raw.data();
               dot_corners<kD>(g, k.row[0] >= 0 ? rows.row(k.row[0]) : z, k.row[1] >= 0 ? rows.row(k.row[1]) : z,
                               k.row[2] >= 0 ? rows.row(k.row[2]) : z, k.row[3] >= 0 ? rows.row(k.row[3]) : z,
