@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import statistics
+import time
 
 import pytest
 import torch
@@ -144,24 +145,24 @@ def _check(provider, fn, shapes, n, lq, dtype):
         assert err < tol, f"{provider} {name}: relative error {err:.2e} >= {tol} before timing"
 
 
-def _timer(fn, rounds):
-    """(median, min) of CUDA-event times (GPU) or wall times (CPU), in ms, after a warm-up."""
-    import time
-
+def _once(fn):
+    """One call of ``fn`` in ms: CUDA-event time on GPU, wall time on CPU."""
+    if DEVICE == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(rounds):
-        if DEVICE == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _timer(fn, rounds):
+    """(median, min) of ``rounds`` timed calls, in ms, after a warm-up call."""
+    fn()
+    times = [_once(fn) for _ in range(rounds)]
     return statistics.median(times), min(times)
 
 
@@ -320,7 +321,7 @@ def test_ms_deform_attn_paired(benchmark, anchor, case, dtype, mode):
     for i in range(rounds):
         order = (ours, anchor) if i % 2 == 0 else (anchor, ours)
         for provider in order:
-            times[provider].append(_timer(runs[provider], 1)[1] if DEVICE == "cuda" else _wall(runs[provider]))
+            times[provider].append(_once(runs[provider]))
     ratios = sorted(a / o for a, o in zip(times[anchor], times[ours]))
     benchmark.extra_info.update(
         op="ms_deform_attn", kind="paired", provider=ours, anchor=anchor, mode=mode,
@@ -330,10 +331,3 @@ def test_ms_deform_attn_paired(benchmark, anchor, case, dtype, mode):
         ours_min_ms=min(times[ours]), anchor_min_ms=min(times[anchor]))
     benchmark.pedantic(runs[ours], rounds=3, iterations=1, warmup_rounds=0)
 
-
-def _wall(fn):
-    import time
-
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3

@@ -86,7 +86,7 @@ def test_outside_a_launch():
         triton_bounds.check("load", [0], None, 4)
 
 
-def test_sanitize_cases_interpret_mode():
+def test_sanitize_cases_interpret_mode(tmp_path):
     """`bench/sanitize_cases.py --interpret`: the GPU suite's sanitizer cases run on CPU tensors through the
     bounds-checked interpreter (a fresh process, as it must set TRITON_INTERPRET before triton loads)."""
     import json
@@ -95,8 +95,7 @@ def test_sanitize_cases_interpret_mode():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = os.path.join(root, ".pytest_cache", "sanitize_interpret.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = str(tmp_path / "sanitize_interpret.json")
     proc = subprocess.run([sys.executable, os.path.join(root, "bench", "sanitize_cases.py"), "--backend", "triton",
                            "--interpret", "--check", "-k", "D5-bilinear-edges-N2-Lq7-L16", "--json", out],
                           capture_output=True, text=True, cwd=root, timeout=600)

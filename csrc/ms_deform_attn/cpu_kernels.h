@@ -81,7 +81,6 @@ inline __m256 load8(const c10::BFloat16* p) {
 }
 // ... and the float32 result is narrowed 8 channels at a time, rounding to nearest even like
 // c10's scalar conversions (which are bit manipulations per element, without F16C)
-inline void store8(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
 inline void store8(c10::Half* p, __m256 x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
