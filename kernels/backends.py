@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import importlib
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from ._extension import extension_error, extension_has_cuda, load_extension  # noqa: F401 (re-exported)
 
 BACKENDS: Tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 AUTO_PRIORITY: Dict[str, Tuple[str, ...]] = {
@@ -79,29 +80,6 @@ def registered_ops() -> List[str]:
 # --------------------------------------------------------------------------------------------
 # Build-level availability
 # --------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def load_extension():
-    """Import ``rtdetr_kernels._C`` once; returns the module or None (see ``extension_error``)."""
-    try:
-        return importlib.import_module("rtdetr_kernels._C")
-    except Exception as exc:  # ImportError, or an undefined-symbol OSError from a stale build
-        _EXTENSION_ERROR.append(f"{type(exc).__name__}: {exc}")
-        return None
-
-
-_EXTENSION_ERROR: List[str] = []
-
-
-def extension_error() -> Optional[str]:
-    load_extension()
-    return _EXTENSION_ERROR[0] if _EXTENSION_ERROR else None
-
-
-def extension_has_cuda() -> bool:
-    ext = load_extension()
-    return bool(ext is not None and getattr(ext, "WITH_CUDA", False))
 
 
 @functools.lru_cache(maxsize=None)
