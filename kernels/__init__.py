@@ -31,11 +31,4 @@ else:
 
     def explain(op: str, *args, **kwargs) -> str:
         """Which backend would serve ``op(*args, **kwargs)`` and why the others would not."""
-        from .attention.op import explain as attention_explain
-        from .ms_deform_attn.op import explain as msda_explain
-        from .topk.op import explain as topk_explain
-
-        explainers = {"ms_deform_attn": msda_explain, "aifi_attention": attention_explain, "topk_select": topk_explain}
-        if op not in explainers:
-            raise ValueError(f"op: expected one of {sorted(explainers)}, got {op!r}")
-        return explainers[op](*args, **kwargs)
+        return backends.op_definition(op).explain(*args, **kwargs)

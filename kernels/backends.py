@@ -1,10 +1,12 @@
 """Backend registry and selection.
 
 Every op has up to four implementations: ``cuda`` (csrc CUDA kernels in ``_C``), ``triton``,
-``cpu`` (csrc C++ kernels in ``_C``) and ``reference`` (pure PyTorch). Each op registers, per
-backend, a ``why_not(call) -> str | None`` function that says why that backend cannot serve a
-given call (dtype, shape, option), or ``None`` when it can. Build-level availability (is ``_C``
-built, with CUDA? is triton importable? is there a GPU?) is checked here once for all ops.
+``cpu`` (csrc C++ kernels in ``_C``) and ``reference`` (pure PyTorch). Each is one
+``Implementation`` record (op, backend, its kernels, and ``why_not(call) -> str | None``, which
+says why it cannot serve a given call: dtype, shape, option). Dispatch, ``explain``, ``info``,
+``check``, the sanitizer cases and the benchmarks' provider lists all read these records.
+Build-level availability (is ``_C`` built, with CUDA? is triton importable? is there a GPU?) is
+checked here once for all ops.
 
 Selection, first match wins: the ``backend=`` argument of an op, the innermost
 ``use_backend(...)`` context, the environment variable ``RTDETR_KERNELS_BACKEND``, else ``auto``.
@@ -20,7 +22,7 @@ import contextvars
 import functools
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -57,24 +59,67 @@ class Call:
 WhyNot = Callable[[Call], Optional[str]]
 
 
-@dataclass
-class OpBackends:
-    name: str
-    why_not: Dict[str, WhyNot] = field(default_factory=dict)
+def always(call: Call) -> Optional[str]:
+    """The ``why_not`` of an implementation that serves every call its build can serve."""
+    return None
 
 
-_OPS: Dict[str, OpBackends] = {}
+@dataclass(frozen=True)
+class Implementation:
+    """One (op, backend) record: what it can serve, and its kernels.
+
+    ``kernels()`` returns ``(forward, backward)`` with the signatures of the op's two custom ops
+    (without the backend argument); it is called when the backend runs, so a backend's module
+    (triton, the extension) is imported only then.
+    """
+
+    op: str
+    backend: str
+    kernels: Callable[[], Tuple[Callable, Callable]]
+    why_not: WhyNot = always
 
 
-def register(op: str, backend: str, why_not: WhyNot) -> None:
-    """Declare that ``backend`` implements ``op``; ``why_not`` refines per call."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _OPS.setdefault(op, OpBackends(op)).why_not[backend] = why_not
+_OPS: Dict[str, object] = {}  # op name -> its OpDef (validate, describe, explain)
+_IMPLEMENTATIONS: Dict[str, Dict[str, Implementation]] = {}
+
+
+def define_op(opdef) -> None:
+    """Called by ``OpDef.__init__``: the op's definition, found by name."""
+    _OPS[opdef.name] = opdef
+    _IMPLEMENTATIONS.setdefault(opdef.name, {})
+
+
+def register(impl: Implementation) -> Implementation:
+    """Declare that ``impl.backend`` implements ``impl.op``."""
+    if impl.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {impl.backend!r}; expected one of {BACKENDS}")
+    if impl.op not in _OPS:
+        raise ValueError(f"register: op {impl.op!r} is not defined (define its OpDef first)")
+    _IMPLEMENTATIONS[impl.op][impl.backend] = impl
+    return impl
 
 
 def registered_ops() -> List[str]:
     return sorted(_OPS)
+
+
+def op_definition(op: str):
+    """The OpDef of ``op`` (its validate, describe and explain)."""
+    if op not in _OPS:
+        raise ValueError(f"op: expected one of {registered_ops()}, got {op!r}")
+    return _OPS[op]
+
+
+def implemented_backends(op: str) -> List[str]:
+    """The backends that have a record for ``op``, in BACKENDS order (whether or not built here)."""
+    return [b for b in BACKENDS if b in _IMPLEMENTATIONS.get(op, {})]
+
+
+def implementation(op: str, backend: str) -> Implementation:
+    impl = _IMPLEMENTATIONS.get(op, {}).get(backend)
+    if impl is None:
+        raise BackendUnavailableError(f"{op} has no {backend} implementation")
+    return impl
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +142,7 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _build_why_not(backend: str, device_type: str) -> Optional[str]:
+def build_why_not(backend: str, device_type: str) -> Optional[str]:
     """Reasons that do not depend on the call, only on the build and the device."""
     if backend == "reference":
         return None
@@ -126,14 +171,14 @@ def _build_why_not(backend: str, device_type: str) -> Optional[str]:
 
 def why_not(backend: str, call: Call) -> Optional[str]:
     """None if ``backend`` can serve ``call``, else a readable reason."""
-    spec = _OPS.get(call.op)
-    if spec is None:
+    if call.op not in _OPS:
         return f"unknown op {call.op!r}"
-    if backend not in spec.why_not:
+    impl = _IMPLEMENTATIONS[call.op].get(backend)
+    if impl is None:
         return f"{call.op} has no {backend} implementation"
-    reason = _build_why_not(backend, call.device_type)
+    reason = build_why_not(backend, call.device_type)
     if reason is None:
-        reason = spec.why_not[backend](call)
+        reason = impl.why_not(call)
     return reason
 
 

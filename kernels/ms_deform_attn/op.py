@@ -1,10 +1,8 @@
-"""Multi-scale deformable attention as a torch.library op: validation, dispatch, autograd, autocast.
+"""Multi-scale deformable attention as a torch.library op: validation, the op's definition, its backends.
 
 Two custom ops carry the work, ``rtdetr_kernels::ms_deform_attn`` and
-``rtdetr_kernels::ms_deform_attn_backward``; both take the canonical layout
-(value [N,S,M,D], locations [N,Lq,M,sum(P),2], weights [N,Lq,M,sum(P)]), the level shapes and
-per-level point counts as ints (no device metadata: nothing for a kernel to read out of bounds,
-nothing to sync on), a method code and the backend name resolved by the Python wrapper.
+``rtdetr_kernels::ms_deform_attn_backward`` (see ``MSDeformAttn``); the op machinery (autograd,
+autocast, the eager fast path) is ``_library.OpDef``.
 """
 
 from __future__ import annotations
@@ -15,17 +13,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import backends
-from .._library import NAMESPACE, autocast_dtype, empty_grad, reenable_autograd, register_autocast_policy
+from .._library import AT_LEAST_FLOAT32, AUTOCAST, OpDef, check_tensor, differentiate, fake_grad
 from . import reference
+from .constants import BILINEAR, DISCRETE_OFFICIAL, DISCRETE_PER_AXIS, MAX_LEVELS, METHOD_NAMES  # noqa: F401
 
 OP = "ms_deform_attn"
-MAX_LEVELS = 16  # the compiled kernels pass level metadata by value
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# method codes shared with the C++/CUDA/Triton kernels
-BILINEAR, DISCRETE_PER_AXIS, DISCRETE_OFFICIAL = 0, 1, 2
-_METHOD_NAMES = {BILINEAR: ("bilinear", "per_axis"), DISCRETE_PER_AXIS: ("discrete", "per_axis"),
-                 DISCRETE_OFFICIAL: ("discrete", "official")}
 
 SpatialShapes = Union[Sequence[Sequence[int]], torch.Tensor]
 
@@ -93,13 +85,6 @@ def _method_code(method: str, discrete_clamp: str) -> int:
     raise ValueError(f"method: expected 'bilinear' (alias 'default') or 'discrete', got {method!r}")
 
 
-def _check_float(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
-
-
 def validate(
     value: torch.Tensor,
     spatial_shapes: SpatialShapes,
@@ -110,9 +95,9 @@ def validate(
     discrete_clamp: str = "per_axis",
     level_start_index: Optional[Union[torch.Tensor, Sequence[int]]] = None,
 ) -> Problem:
-    _check_float("value", value)
-    _check_float("sampling_locations", sampling_locations)
-    _check_float("attention_weights", attention_weights)
+    check_tensor("value", value)
+    check_tensor("sampling_locations", sampling_locations)
+    check_tensor("attention_weights", attention_weights)
     method_code = _method_code(method, discrete_clamp)
     if value.dim() != 4:
         raise ValueError(f"value: expected shape [N, S, M, D] (4 dims), got {tuple(value.shape)}")
@@ -189,8 +174,75 @@ def _check_level_start(level_start_index, shapes) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Backends
+# The op and its backends
 # --------------------------------------------------------------------------------------------
+
+
+class MSDeformAttn(OpDef):
+    """Canonical layout: value [N,S,M,D], locations [N,Lq,M,sum(P),2], weights [N,Lq,M,sum(P)];
+    level shapes and per-level point counts as ints (nothing for a kernel to read out of bounds,
+    nothing to sync on)."""
+
+    name = OP
+    forward_schema = ("(Tensor value, Tensor sampling_locations, Tensor attention_weights, int[] spatial_shapes, "
+                      "int[] points_per_level, int method) -> Tensor")
+    backward_schema = ("(Tensor grad_output, Tensor value, Tensor sampling_locations, Tensor attention_weights, "
+                       "int[] spatial_shapes, int[] points_per_level, int method, bool need_value, "
+                       "bool need_locations, bool need_weights, bool deterministic) -> (Tensor, Tensor, Tensor)")
+    # value follows the autocast dtype; locations and weights keep (at least) float32 precision,
+    # which is what grid_sample's "widest input" autocast rule gives the reference.
+    autocast_policy = (AUTOCAST, AT_LEAST_FLOAT32, AT_LEAST_FLOAT32)
+
+    def fake_forward(self, value, sampling_locations, attention_weights, spatial_shapes, points_per_level, method, backend):
+        N, _, M, D = value.shape
+        return value.new_empty(N, sampling_locations.shape[1], M, D)
+
+    def fake_backward(self, grad_output, value, sampling_locations, attention_weights, spatial_shapes,
+                      points_per_level, method, need_value, need_locations, need_weights, deterministic, backend):
+        return tuple(fake_grad(t, need, value) for t, need in ((value, need_value), (sampling_locations, need_locations),
+                                                                (attention_weights, need_weights)))
+
+    def save(self, inputs, output):
+        value, loc, weights, shapes, points, method = inputs
+        return (value, loc, weights), (shapes, points, method)
+
+    def grads(self, saved, meta, needs, grad_outputs, backward, deterministic):
+        need = needs[:3]
+        grads = backward(grad_outputs[0], *saved, *meta, *need, deterministic)
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 3
+
+    def validate(self, *args, **kwargs) -> Problem:
+        return validate(*args, **kwargs)
+
+    def describe(self, problem: Problem) -> backends.Call:
+        return describe(problem)
+
+
+MSDA = MSDeformAttn()
+
+
+def _reference_forward(value, loc, weights, shapes: List[int], points: List[int], method: int):
+    kind, clamp = METHOD_NAMES[method]
+    pairs = list(zip(shapes[0::2], shapes[1::2]))
+    return reference.ms_deform_attn_reference(value, pairs, loc, weights, points, kind, clamp)
+
+
+def _reference_backward(grad_output, value, loc, weights, shapes, points, method, need_value, need_loc, need_attn,
+                        deterministic):
+    return differentiate(lambda v, l, w: _reference_forward(v, l, w, shapes, points, method), (value, loc, weights),
+                         (need_value, need_loc, need_attn), grad_output,
+                         differentiable=(True, method == BILINEAR, True))  # discrete: zero location grads
+
+
+def _compiled_kernels():
+    ops = torch.ops.rtdetr_kernels_C
+    return ops.ms_deform_attn_forward, ops.ms_deform_attn_backward
+
+
+def _triton_kernels():
+    from . import triton as triton_impl
+
+    return triton_impl.forward, triton_impl.backward
 
 
 def _why_not_compiled(call: backends.Call) -> Optional[str]:
@@ -205,162 +257,10 @@ def _why_not_triton(call: backends.Call) -> Optional[str]:
     return triton_impl.why_not(call)
 
 
-backends.register(OP, "reference", lambda call: None)
-backends.register(OP, "cpu", _why_not_compiled)
-backends.register(OP, "cuda", _why_not_compiled)
-backends.register(OP, "triton", _why_not_triton)
-
-
-def _impl(backend: str):
-    """(forward, backward) callables of a backend, all with the signature of the custom ops."""
-    if backend == "reference":
-        return _reference_forward, _reference_backward
-    if backend in ("cpu", "cuda"):
-        if backends.load_extension() is None:
-            raise backends.BackendUnavailableError(f"{OP}: backend {backend!r} needs rtdetr_kernels._C ({backends.extension_error()})")
-        ops = torch.ops.rtdetr_kernels_C
-        return ops.ms_deform_attn_forward, ops.ms_deform_attn_backward
-    if backend == "triton":
-        from . import triton as triton_impl
-
-        return triton_impl.forward, triton_impl.backward
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-def _reference_forward(value, loc, weights, shapes: List[int], points: List[int], method: int):
-    kind, clamp = _METHOD_NAMES[method]
-    pairs = list(zip(shapes[0::2], shapes[1::2]))
-    return reference.ms_deform_attn_reference(value, pairs, loc, weights, points, kind, clamp)
-
-
-def _reference_backward(grad_output, value, loc, weights, shapes, points, method, need_value, need_loc, need_attn, deterministic):
-    with reenable_autograd():
-        inputs = [t.detach().requires_grad_(need) for t, need in ((value, need_value), (loc, need_loc and method == BILINEAR), (weights, need_attn))]
-        out = _reference_forward(*inputs, shapes, points, method)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_output, allow_unused=True)) if wanted else iter(())
-    result = []
-    for t, need in zip(inputs, (need_value, need_loc, need_attn)):
-        if not need:
-            result.append(empty_grad(t))
-        elif not t.requires_grad:  # discrete locations: defined, zero gradient
-            result.append(torch.zeros_like(t))
-        else:
-            g = next(grads)
-            result.append(torch.zeros_like(t) if g is None else g)
-    return tuple(result)
-
-
-# --------------------------------------------------------------------------------------------
-# The custom ops
-# --------------------------------------------------------------------------------------------
-
-
-def _run_forward(value, loc, weights, shapes, points, method, backend):
-    forward, _ = _impl(backend)
-    return forward(value.contiguous(), loc.contiguous(), weights.contiguous(), list(shapes), list(points), method)
-
-
-def _run_backward(grad_output, value, loc, weights, shapes, points, method, backend, need_value, need_loc,
-                  need_weights, deterministic):
-    _, backward = _impl(backend)
-    # grad_output may be a stride-0 expand (out.sum().backward()); the kernels assume contiguous
-    return tuple(backward(grad_output.contiguous(), value.contiguous(), loc.contiguous(), weights.contiguous(),
-                          list(shapes), list(points), method, need_value, need_loc, need_weights, deterministic))
-
-
-@torch.library.custom_op(f"{NAMESPACE}::ms_deform_attn", mutates_args=())
-def _forward_op(value: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                spatial_shapes: List[int], points_per_level: List[int], method: int, backend: str) -> torch.Tensor:
-    return _run_forward(value, sampling_locations, attention_weights, spatial_shapes, points_per_level, method, backend)
-
-
-@_forward_op.register_fake
-def _(value, sampling_locations, attention_weights, spatial_shapes, points_per_level, method, backend):
-    N, _, M, D = value.shape
-    return value.new_empty(N, sampling_locations.shape[1], M, D)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::ms_deform_attn_backward", mutates_args=())
-def _backward_op(grad_output: torch.Tensor, value: torch.Tensor, sampling_locations: torch.Tensor,
-                 attention_weights: torch.Tensor, spatial_shapes: List[int], points_per_level: List[int],
-                 method: int, backend: str, need_value: bool, need_locations: bool, need_weights: bool,
-                 deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run_backward(grad_output, value, sampling_locations, attention_weights, spatial_shapes, points_per_level,
-                         method, backend, need_value, need_locations, need_weights, deterministic)
-
-
-@_backward_op.register_fake
-def _(grad_output, value, sampling_locations, attention_weights, spatial_shapes, points_per_level, method,
-      backend, need_value, need_locations, need_weights, deterministic):
-    def maybe(t, need):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if need else t.new_empty(0)
-
-    return maybe(value, need_value), maybe(sampling_locations, need_locations), maybe(attention_weights, need_weights)
-
-
-def _setup_context(ctx, inputs, output):
-    value, loc, weights, shapes, points, method, backend = inputs
-    ctx.save_for_backward(value, loc, weights)
-    ctx.meta = (shapes, points, method, backend)
-
-
-def _grads(ctx, grad_output, backward):
-    """The autograd backward of both paths; ``backward`` is the custom op or the plain function."""
-    value, loc, weights = ctx.saved_tensors
-    shapes, points, method, backend = ctx.meta
-    need = ctx.needs_input_grad[:3]
-    if not any(need):
-        return (None,) * 7
-    grads = backward(grad_output, value, loc, weights, shapes, points, method, backend, *need,
-                     torch.are_deterministic_algorithms_enabled())
-    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
-
-
-def _backward(ctx, grad_output):
-    return _grads(ctx, grad_output, _backward_op)
-
-
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerFunction(torch.autograd.Function):
-    """The eager path: the same kernels as the custom ops, without the custom-op dispatch overhead
-    (tens of microseconds a call, as much as the whole kernel at batch 1). Tracing (torch.compile,
-    torch.export) always goes through the registered custom ops."""
-
-    @staticmethod
-    def forward(ctx, value, loc, weights, shapes, points, method, backend):
-        _setup_context(ctx, (value, loc, weights, shapes, points, method, backend), None)
-        return _run_forward(value, loc, weights, shapes, points, method, backend)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        return _grads(ctx, grad_output, _run_backward)
-
-
-def _eager(value, loc, weights, shapes, points, method, backend):
-    device_type = value.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        value, loc, weights = _autocast_args(device_type, (value, loc, weights))
-    if torch.is_grad_enabled() and (value.requires_grad or loc.requires_grad or weights.requires_grad):
-        return _EagerFunction.apply(value, loc, weights, shapes, points, method, backend)
-    return _run_forward(value, loc, weights, shapes, points, method, backend)
-
-
-def _autocast_args(device_type: str, args: tuple) -> tuple:
-    # value follows the autocast dtype; locations and weights keep (at least) float32 precision,
-    # which is what grid_sample's "widest input" autocast rule gives the reference.
-    value, loc, weights, *rest = args
-    low = autocast_dtype(device_type)
-    value = value.to(low) if value.dtype in (torch.float32, torch.float16, torch.bfloat16) else value
-    loc = loc.float() if loc.dtype in (torch.float16, torch.bfloat16) else loc
-    weights = weights.float() if weights.dtype in (torch.float16, torch.bfloat16) else weights
-    return (value, loc, weights, *rest)
-
-
-register_autocast_policy("ms_deform_attn", _autocast_args)
+backends.register(backends.Implementation(OP, "reference", lambda: (_reference_forward, _reference_backward)))
+backends.register(backends.Implementation(OP, "cpu", _compiled_kernels, _why_not_compiled))
+backends.register(backends.Implementation(OP, "cuda", _compiled_kernels, _why_not_compiled))
+backends.register(backends.Implementation(OP, "triton", _triton_kernels, _why_not_triton))
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,18 +302,9 @@ def ms_deform_attn(
                        method, discrete_clamp, level_start_index)
     chosen = backends.choose(describe(problem), backend)
     N, _, M, D = problem.value.shape
-    run = _forward_op if _tracing() else _eager
-    out = run(problem.value, problem.sampling_locations, problem.attention_weights, problem.flat_shapes,
-              list(problem.points_per_level), problem.method, chosen)
+    out = MSDA(problem.value, problem.sampling_locations, problem.attention_weights, problem.flat_shapes,
+               list(problem.points_per_level), problem.method, chosen)
     return out.reshape(N, out.shape[1], M * D)
-
-
-def _tracing() -> bool:
-    """True when the call must be visible as the registered op: compiling, exporting, jit tracing, or
-    under a TorchDispatchMode (make_fx, FakeTensorMode, FlopCounterMode, user modes)."""
-    compiler = getattr(torch, "compiler", None)
-    return (bool(compiler is not None and compiler.is_compiling()) or torch.jit.is_tracing()
-            or torch._C._len_torch_dispatch_stack() > 0)
 
 
 def describe(problem: Problem) -> backends.Call:
@@ -422,7 +313,4 @@ def describe(problem: Problem) -> backends.Call:
     return backends.Call(OP, problem.value.device.type, dtypes, options)
 
 
-def explain(value, spatial_shapes, sampling_locations, attention_weights, **kwargs) -> str:
-    """Which backend would serve this call, and why the others would not."""
-    kwargs.pop("backend", None)
-    return backends.explain(describe(validate(value, spatial_shapes, sampling_locations, attention_weights, **kwargs)))
+explain = MSDA.explain

@@ -45,9 +45,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
-
-MAX_LEVELS = 16
-BILINEAR, DISCRETE_PER_AXIS, DISCRETE_OFFICIAL = 0, 1, 2
+from .constants import BILINEAR, DISCRETE_OFFICIAL, DISCRETE_PER_AXIS, MAX_LEVELS
 # kernel-level method constexpr: the two discrete clamps differ only by a runtime flag
 _K_BILINEAR, _K_DISCRETE = 0, 1
 
@@ -61,13 +59,24 @@ _TILE = 512  # BLOCK_R * BLOCK_P * BLOCK_D target of the forward and backward
 _GATHER_TILE = 1024
 
 
-def _interpreting() -> bool:
-    return backends.triton_interpreter()
-
-
 # --------------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _trips(n):
+    """A loop bound that is a runtime argument, as ``range`` takes it: compiled, ``n`` itself (the call
+    is inlined, so ``range(_trips(n))`` is the same loop as ``range(n)``)."""
+    return n
+
+
+if not isinstance(_trips, triton.runtime.JITFunction):
+    # Under TRITON_INTERPRET a scalar argument is a 1-element array, and triton 3.6's interpreter turns
+    # a tensor into a loop bound with int(array), which numpy >= 2.4 rejects ("only 0-dimensional arrays
+    # can be converted to Python scalars"); the interpreter runs kernels as Python, so give it an int.
+    def _trips(n):  # noqa: F811
+        return int(n.handle.data.reshape(-1)[0]) if isinstance(n, tl.tensor) else int(n)
 
 
 @triton.jit
@@ -156,7 +165,7 @@ def _point_levels(p0, PT, L, lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7, lv8, lv9, l
     pstart = zero
     lstart = zero
     padstart = zero
-    for l in range(L):
+    for l in range(_trips(L)):
         H64, W64, P = _level_word(l, lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7, lv8, lv9, lv10, lv11, lv12, lv13, lv14, lv15)
         inl = (pp >= pstart) & (pp < pstart + P)
         Hp = tl.where(inl, H64.to(tl.int32), Hp)
@@ -197,7 +206,7 @@ def _msda_fwd_kernel(
     n = (r // M) // Lq
     vbase = (n * S * M + m)[:, None]  # value row of (n, pixel 0, m), in units of D
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for p0 in range(0, PT, BLOCK_P):  # one trip unless a row has more than BLOCK_P points
+    for p0 in range(0, _trips(PT), BLOCK_P):  # one trip unless a row has more than BLOCK_P points
         pp, pmask, Hp, Wp, lstart_p, _ = _point_levels(p0, PT, L, lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7, lv8, lv9,
                                                        lv10, lv11, lv12, lv13, lv14, lv15, BLOCK_P)
         H = Hp[None, :]
@@ -275,7 +284,7 @@ def _msda_bwd_kernel(
     n = (r // M) // Lq
     vbase = (n * S * M + m)[:, None]
     nm = (n * M + m)[:, None]  # the (n, m) grid of the deterministic keys
-    for p0 in range(0, PT, BLOCK_P):
+    for p0 in range(0, _trips(PT), BLOCK_P):
         pp, pmask, Hp, Wp, lstart_p, padstart_p = _point_levels(p0, PT, L, lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7, lv8,
                                                                 lv9, lv10, lv11, lv12, lv13, lv14, lv15, BLOCK_P)
         H = Hp[None, :]
@@ -307,7 +316,7 @@ def _msda_bwd_kernel(
             w11 = tl.where(in11, lyw * lxw, 0.0)
             gx = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
             gy = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):  # one trip for D <= BLOCK_D
+            for d0 in range(0, _trips(D), BLOCK_D):  # one trip for D <= BLOCK_D
                 d = d0 + dd
                 dmask = d < D
                 d3 = d[None, None, :]
@@ -352,7 +361,7 @@ def _msda_bwd_kernel(
             inside, iy, ix = _discrete_pixel(lx, ly, H, W, Hf, Wf, clamp_official)
             inside = inside & live
             o = (vbase + (lstart + iy * W + ix) * M) * D
-            for d0 in range(0, D, BLOCK_D):
+            for d0 in range(0, _trips(D), BLOCK_D):
                 d = d0 + dd
                 dmask = d < D
                 d3 = d[None, None, :]
@@ -399,7 +408,7 @@ def _msda_grad_value_gather_kernel(
     pix_start = tl.zeros([BLOCK_S], dtype=tl.int64)
     pix_pad = tl.zeros([BLOCK_S], dtype=tl.int64)
     pix_w = tl.full([BLOCK_S], 1, dtype=tl.int64)
-    for l in range(L):
+    for l in range(_trips(L)):
         H64, W64, P = _level_word(l, lv0, lv1, lv2, lv3, lv4, lv5, lv6, lv7, lv8, lv9, lv10, lv11, lv12, lv13, lv14, lv15)
         inl = (s >= lstart) & (s < lstart + H64 * W64)
         pix_start = tl.where(inl, lstart, pix_start)
@@ -419,7 +428,7 @@ def _msda_grad_value_gather_kernel(
         hi = tl.load(offs_ptr + cell + 1, mask=smask, other=0)
         cnt = hi - lo
         longest = tl.max(cnt, axis=0)
-        for j in range(0, longest):
+        for j in range(0, _trips(longest)):
             jmask = smask & (j < cnt)
             point = tl.load(perm_ptr + lo + j, mask=jmask, other=0)
             cf = tl.load(coef_ptr + point * 4 + c, mask=jmask, other=0.0)
@@ -501,7 +510,7 @@ def _kernel_inputs(value, loc, weights):
 
 
 def _launch_opts() -> dict:
-    return {} if _interpreting() else {"enable_fp_fusion": False}
+    return {} if backends.triton_interpreter() else {"enable_fp_fusion": False}
 
 
 def _device_guard(t: torch.Tensor):

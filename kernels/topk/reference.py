@@ -49,16 +49,25 @@ def gather_tokens(source: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def topk_select_reference(
-    logits: torch.Tensor, k: int, gather: Sequence[torch.Tensor] = ()
+    logits: torch.Tensor, k: int, gather: Sequence[torch.Tensor] = (), pairs: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[torch.Tensor, ...]]:
     """logits [N, T, C] -> scores [N, k], indices [N, k], classes [N, k], gathered ([N, k, *], ...).
 
-    ``classes`` is the class index of each chosen score (where its gradient goes).
+    ``classes`` is the class index of each chosen score (where its gradient goes). With ``pairs``
+    every (token, class) pair is a candidate (the post-processor's top-k over ``scores.flatten(1)``):
+    equal scores by lower token, then lower class, and a token may be chosen for several classes.
     """
-    token_classes = torch.argmax(logits, dim=-1)  # [N, T]: the first max class; a NaN counts as the max
-    token_scores = torch.gather(logits, 2, token_classes.unsqueeze(-1)).squeeze(-1)
-    order = torch.sort(rank_key(token_scores), dim=1, descending=True, stable=True).indices
-    indices = order[:, :k].contiguous()
-    scores = torch.gather(token_scores, 1, indices)
-    classes = torch.gather(token_classes, 1, indices)
+    if pairs:
+        N, T, C = logits.shape
+        flat = logits.reshape(N, T * C)
+        order = torch.sort(rank_key(flat), dim=1, descending=True, stable=True).indices[:, :k]
+        scores = torch.gather(flat, 1, order)
+        indices, classes = (order // C).contiguous(), (order % C).contiguous()
+    else:
+        token_classes = torch.argmax(logits, dim=-1)  # [N, T]: the first max class; a NaN counts as the max
+        token_scores = torch.gather(logits, 2, token_classes.unsqueeze(-1)).squeeze(-1)
+        order = torch.sort(rank_key(token_scores), dim=1, descending=True, stable=True).indices
+        indices = order[:, :k].contiguous()
+        scores = torch.gather(token_scores, 1, indices)
+        classes = torch.gather(token_classes, 1, indices)
     return scores, indices, classes, tuple(gather_tokens(t, indices) for t in gather)
