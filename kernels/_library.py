@@ -4,13 +4,14 @@ fake tensors, autograd, per-argument autocast, the eager fast path) and the help
 
 An op is one ``OpDef`` (in ``<op>/op.py``) plus one ``Implementation`` record per backend
 (``backends.register``). ``OpDef`` defines ``rtdetr_kernels::<op>`` and ``rtdetr_kernels::<op>_backward``
-from schema strings; both take the backend chosen by the Python wrapper as their last argument,
-and run that backend's forward or backward kernel from the registry.
+from schema strings; both take the backend chosen by the Python wrapper as their last argument
+(the backward also ``deterministic``, from ``torch.are_deterministic_algorithms_enabled()``), and
+run that backend's forward or backward kernel from the registry.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -262,7 +263,8 @@ def _contiguous(a):
 class OpDef:
     """One op: ``rtdetr_kernels::<name>`` and ``rtdetr_kernels::<name>_backward`` over the registry.
 
-    Subclasses give the op's facts: the two schemas (without the trailing backend argument), the
+    Subclasses give the op's facts: the two schemas (without the trailing arguments every op has:
+    the forward's ``str backend``, the backward's ``bool deterministic, str backend``), the
     fakes, what the backward saves (``save``) and how autograd's incoming gradients become the
     backward op's arguments and the inputs' gradients (``grads``), the autocast policy, and
     ``validate`` / ``describe`` / the public function. Everything else (op definition, autograd and
@@ -277,7 +279,7 @@ class OpDef:
     def __init__(self):
         self.forward_op = self._define(self.name, self.forward_schema, self._run_forward, self.fake_forward)
         self.backward_op = self._define(self.name + "_backward", self.backward_schema, self._run_backward,
-                                        self.fake_backward)
+                                        self.fake_backward, extra="bool deterministic, ")
         self.forward_op.register_autograd(self._autograd_backward, setup_context=self._setup_context)
         if self.autocast_policy is not None:
             _register_autocast(self.name, self.autocast_policy)
@@ -296,10 +298,10 @@ class OpDef:
         (without the backend) and output."""
         raise NotImplementedError
 
-    def grads(self, saved: tuple, meta: Any, needs: tuple, grad_outputs: tuple, backward: Callable,
-              deterministic: bool) -> tuple:
+    def grads(self, saved: tuple, meta: Any, needs: tuple, grad_outputs: tuple, backward: Callable) -> tuple:
         """The inputs' gradients (None where not needed; a list for a Tensor[] input) from
-        autograd's ``grad_outputs``; ``backward(*args)`` runs the backward op (backend appended)."""
+        autograd's ``grad_outputs``; ``backward(*args)`` runs the backward op on the arguments of
+        its schema (``deterministic`` and ``backend`` are appended)."""
         raise NotImplementedError
 
     def validate(self, *args, **kwargs):
@@ -311,9 +313,9 @@ class OpDef:
     # -- shared machinery ------------------------------------------------------------------
 
     @staticmethod
-    def _define(name, schema, run, fake):
+    def _define(name, schema, run, fake, extra=""):
         args, returns = schema.rsplit("->", 1)
-        full = args.rstrip().rstrip(")") + (", " if args.strip() != "()" else "") + "str backend) ->" + returns
+        full = args.rstrip().rstrip(")") + (", " if args.strip() != "()" else "") + extra + "str backend) ->" + returns
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=(), schema=full)(lambda *a: run(*a))
         op.register_fake(lambda *a: fake(*a))
         return op
@@ -346,15 +348,16 @@ class OpDef:
         ctx.meta, ctx.backend = meta, inputs[-1]
 
     def _autograd_backward(self, ctx, *grad_outputs):
-        return self._input_grads(ctx, ctx.needs_input_grad, grad_outputs,
-                                 lambda *a: self.backward_op(*a, ctx.backend))
+        return self._input_grads(ctx, ctx.needs_input_grad, grad_outputs, self.backward_op)
 
-    def _input_grads(self, ctx, needs_input_grad, grad_outputs, backward):
+    def _input_grads(self, ctx, needs_input_grad, grad_outputs, backward_op):
         needs = tuple(needs_input_grad[:-1])
         if not _any(needs):
             return tuple([None] * len(n) if isinstance(n, (list, tuple)) else None for n in needs_input_grad)
-        grads = self.grads(tuple(ctx.saved_tensors), ctx.meta, needs, tuple(grad_outputs), backward,
-                           torch.are_deterministic_algorithms_enabled())
+        # the deterministic flag reaches every backward kernel (fixed when the backward runs)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        grads = self.grads(tuple(ctx.saved_tensors), ctx.meta, needs, tuple(grad_outputs),
+                           lambda *args: backward_op(*args, deterministic, ctx.backend))
         return tuple(grads) + (None,)
 
     def __call__(self, *args):
@@ -386,6 +389,10 @@ class OpDef:
         kwargs.pop("backend", None)
         return backends.explain(self.describe(self.validate(*args, **kwargs)))
 
+    def cases(self):
+        """The op folder's ``cases`` module: ``sample()`` for ``check``, ``sanitizer_cases()``."""
+        return importlib.import_module(type(self).__module__.rsplit(".", 1)[0] + ".cases")
+
 
 class _Eager(torch.autograd.Function):
     """The eager path: the backend's kernels with the op's own save/grads logic, no dispatch."""
@@ -408,5 +415,5 @@ class _Eager(torch.autograd.Function):
         opdef = ctx.opdef
         grads = flat_grads if ctx.output_spec is None else _unflatten(flat_grads, ctx.output_spec)
         needs = _unflatten(ctx.needs_input_grad[3:], ctx.spec)
-        structured = opdef._input_grads(ctx, needs, grads, lambda *a: opdef._run_backward(*a, ctx.backend))
+        structured = opdef._input_grads(ctx, needs, grads, opdef._run_backward)
         return (None, None, None) + tuple(_flatten_like(structured, ctx.spec))

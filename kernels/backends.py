@@ -127,6 +127,20 @@ def implementation(op: str, backend: str) -> Implementation:
 # --------------------------------------------------------------------------------------------
 
 
+def extension_namespace():
+    """``torch.ops.rtdetr_kernels_C``, the compiled kernels (loading the extension first)."""
+    if load_extension() is None:
+        raise BackendUnavailableError(f"the compiled extension rtdetr_kernels._C is not available ({extension_error()})")
+    return torch.ops.rtdetr_kernels_C
+
+
+def extension_ops() -> List[str]:
+    """The ops the loaded extension defines (``rtdetr_kernels_C::<name>``), as its schemas say."""
+    if load_extension() is None:
+        return []
+    return sorted(s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("rtdetr_kernels_C::"))
+
+
 @functools.lru_cache(maxsize=None)
 def triton_status() -> Tuple[bool, str]:
     """(importable, version-or-reason)."""

@@ -115,14 +115,15 @@ class AIFIAttention(OpDef):
     def fake_forward(self, x, *rest):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    def fake_backward(self, grad_output, x, pos, in_w, in_b, out_w, out_b, num_heads, attn_mask, needs, backend):
+    def fake_backward(self, grad_output, x, pos, in_w, in_b, out_w, out_b, num_heads, attn_mask, needs, deterministic,
+                      backend):
         return tuple(fake_grad(t, need, x) for t, need in zip((x, pos, in_w, in_b, out_w, out_b), needs))
 
     def save(self, inputs, output):
         *tensors, num_heads, attn_mask = inputs
         return (*tensors, attn_mask), num_heads
 
-    def grads(self, saved, meta, needs, grad_outputs, backward, deterministic):
+    def grads(self, saved, meta, needs, grad_outputs, backward):
         needs = [bool(n) for n in needs[:len(_PARAMS)]]
         grads = backward(grad_outputs[0], *saved[:-1], meta, saved[-1], needs)
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
@@ -137,7 +138,7 @@ class AIFIAttention(OpDef):
 ATTENTION = AIFIAttention()
 
 
-def _reference_backward(grad_output, x, pos, in_w, in_b, out_w, out_b, num_heads, attn_mask, needs):
+def _reference_backward(grad_output, x, pos, in_w, in_b, out_w, out_b, num_heads, attn_mask, needs, deterministic):
     return differentiate(lambda *t: reference.aifi_attention_reference(*t, num_heads, attn_mask),
                          (x, pos, in_w, in_b, out_w, out_b), needs, grad_output)
 

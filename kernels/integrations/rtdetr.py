@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
-from .. import nn as kernel_nn
+from . import dropin
 
 _ATTR = "ms_deformable_attn_core"
 
@@ -33,8 +33,7 @@ class Patch:
         self.replaced = []
 
 
-def apply_to_rtdetr(model: nn.Module, msda: bool = True, backend: Optional[str] = None,
-                    discrete_clamp: Optional[str] = None) -> Patch:
+def apply_to_rtdetr(model: nn.Module, backend: Optional[str] = None, discrete_clamp: Optional[str] = None) -> Patch:
     """Swap every MSDA sampling core of ``model`` for ``rtdetr_kernels.ms_deform_attn``.
 
     v2 modules (they have the ``num_points_scale`` buffer) keep their sampling ``method`` ('default' or
@@ -43,23 +42,21 @@ def apply_to_rtdetr(model: nn.Module, msda: bool = True, backend: Optional[str] 
     to 'official', upstream's clamp of both coordinates to H-1, so a patched upstream model is unchanged.
     """
     replaced = []
-    if msda:
-        for module in model.modules():
-            original = getattr(module, _ATTR, None)
-            if original is None:
-                continue
-            if hasattr(module, "num_points_scale"):  # RT-DETRv2's module (v1 has no such buffer)
-                method = getattr(module, "method", None) or getattr(original, "keywords", {}).get("method", "default")
-                clamp = discrete_clamp or getattr(module, "discrete_clamp", "official")
-                core = functools.partial(kernel_nn.deformable_attention_core_func_v2, method=method,
-                                         discrete_clamp=clamp)
-            else:
-                core = kernel_nn.deformable_attention_core_func
-            if backend is not None:
-                core = functools.partial(_with_backend, core, backend)
-            replaced.append((module, original))
-            setattr(module, _ATTR, core)
-    if msda and not replaced:
+    for module in model.modules():
+        original = getattr(module, _ATTR, None)
+        if original is None:
+            continue
+        if hasattr(module, "num_points_scale"):  # RT-DETRv2's module (v1 has no such buffer)
+            method = getattr(module, "method", None) or getattr(original, "keywords", {}).get("method", "default")
+            clamp = discrete_clamp or getattr(module, "discrete_clamp", "official")
+            core = functools.partial(dropin.deformable_attention_core_func_v2, method=method, discrete_clamp=clamp)
+        else:
+            core = dropin.deformable_attention_core_func
+        if backend is not None:
+            core = functools.partial(_with_backend, core, backend)
+        replaced.append((module, original))
+        setattr(module, _ATTR, core)
+    if not replaced:
         raise ValueError(f"model: found no module with a `{_ATTR}` attribute; is this an rtdetr model?")
     return Patch(replaced)
 

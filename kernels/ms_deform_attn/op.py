@@ -188,7 +188,7 @@ class MSDeformAttn(OpDef):
                       "int[] points_per_level, int method) -> Tensor")
     backward_schema = ("(Tensor grad_output, Tensor value, Tensor sampling_locations, Tensor attention_weights, "
                        "int[] spatial_shapes, int[] points_per_level, int method, bool need_value, "
-                       "bool need_locations, bool need_weights, bool deterministic) -> (Tensor, Tensor, Tensor)")
+                       "bool need_locations, bool need_weights) -> (Tensor, Tensor, Tensor)")
     # value follows the autocast dtype; locations and weights keep (at least) float32 precision,
     # which is what grid_sample's "widest input" autocast rule gives the reference.
     autocast_policy = (AUTOCAST, AT_LEAST_FLOAT32, AT_LEAST_FLOAT32)
@@ -206,9 +206,9 @@ class MSDeformAttn(OpDef):
         value, loc, weights, shapes, points, method = inputs
         return (value, loc, weights), (shapes, points, method)
 
-    def grads(self, saved, meta, needs, grad_outputs, backward, deterministic):
+    def grads(self, saved, meta, needs, grad_outputs, backward):
         need = needs[:3]
-        grads = backward(grad_outputs[0], *saved, *meta, *need, deterministic)
+        grads = backward(grad_outputs[0], *saved, *meta, *need)
         return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 3
 
     def validate(self, *args, **kwargs) -> Problem:
@@ -235,7 +235,7 @@ def _reference_backward(grad_output, value, loc, weights, shapes, points, method
 
 
 def _compiled_kernels():
-    ops = torch.ops.rtdetr_kernels_C
+    ops = backends.extension_namespace()
     return ops.ms_deform_attn_forward, ops.ms_deform_attn_backward
 
 

@@ -93,7 +93,7 @@ class TopKSelect(OpDef):
                 logits.new_empty(N, k, dtype=torch.int64), [t.new_empty(N, k, *t.shape[2:]) for t in gather])
 
     def fake_backward(self, grad_scores, indices, classes, grad_gathered, num_tokens, num_classes, pairs, need_logits,
-                      need_gather, backend):
+                      need_gather, deterministic, backend):
         N = indices.shape[0]
         grad_logits = grad_scores.new_empty(N, num_tokens, num_classes) if need_logits else empty_grad(grad_scores)
         return grad_logits, [g.new_empty(N, num_tokens, *g.shape[2:]) if need else empty_grad(g)
@@ -104,7 +104,7 @@ class TopKSelect(OpDef):
         _, indices, classes, _ = output
         return (indices, classes), (logits.shape[1], logits.shape[2], pairs)
 
-    def grads(self, saved, meta, needs, grad_outputs, backward, deterministic):
+    def grads(self, saved, meta, needs, grad_outputs, backward):
         indices, classes = saved
         grad_scores, _, _, grad_gathered = grad_outputs
         need_logits = bool(needs[0])
@@ -133,7 +133,7 @@ def _reference_forward(logits, k, gather, pairs):
 
 
 def _reference_backward(grad_scores, indices, classes, grad_gathered, num_tokens, num_classes, pairs, need_logits,
-                        need_gather):
+                        need_gather, deterministic):
     N = indices.shape[0]
     if need_logits:
         flat = indices * num_classes + classes  # [N, k] into [N, T * C], unique within a row

@@ -1,4 +1,4 @@
-"""Drop-in entry points with the signatures other DETR codebases call.
+"""Drop-in functions: other DETR codebases' call signatures mapped onto our ops (the patchers use them).
 
 - ``deformable_attention_core_func`` / ``deformable_attention_core_func_v2``: lyuwenyu/RT-DETR's
   v1 and v2 MSDA core functions (``rtdetr_pytorch`` / ``rtdetrv2_pytorch`` ``utils.py``).
@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .ms_deform_attn import ms_deform_attn
+from ..ms_deform_attn import ms_deform_attn
 
 
 def deformable_attention_core_func(value, value_spatial_shapes, sampling_locations, attention_weights):
