@@ -77,6 +77,7 @@ class Implementation:
     backend: str
     kernels: Callable[[], Tuple[Callable, Callable]]
     why_not: WhyNot = always
+    compiled: bool = True  # cpu/cuda kernels in rtdetr_kernels._C (False: composed of PyTorch's kernels)
 
 
 _OPS: Dict[str, object] = {}  # op name -> its OpDef (validate, describe, explain)
@@ -156,20 +157,22 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def build_why_not(backend: str, device_type: str) -> Optional[str]:
-    """Reasons that do not depend on the call, only on the build and the device."""
+def build_why_not(backend: str, device_type: str, compiled: bool = True) -> Optional[str]:
+    """Reasons that do not depend on the call, only on the build and the device. ``compiled``: the
+    record's kernels are in ``_C`` (a cpu record may also be composed of PyTorch's own kernels)."""
     if backend == "reference":
         return None
     if backend in ("cpu", "cuda"):
-        if load_extension() is None:
-            return f"the compiled extension rtdetr_kernels._C is not available ({extension_error()})"
         if backend == "cpu" and device_type != "cpu":
             return f"the cpu backend serves CPU tensors, got {device_type} tensors"
-        if backend == "cuda":
-            if device_type != "cuda":
-                return f"the cuda backend serves CUDA tensors, got {device_type} tensors"
-            if not extension_has_cuda():
-                return "rtdetr_kernels._C was built without CUDA kernels (no nvcc/CUDA torch at build time)"
+        if backend == "cuda" and device_type != "cuda":
+            return f"the cuda backend serves CUDA tensors, got {device_type} tensors"
+        if not compiled:
+            return None
+        if load_extension() is None:
+            return f"the compiled extension rtdetr_kernels._C is not available ({extension_error()})"
+        if backend == "cuda" and not extension_has_cuda():
+            return "rtdetr_kernels._C was built without CUDA kernels (no nvcc/CUDA torch at build time)"
         return None
     if backend == "triton":
         ok, why = triton_status()
@@ -190,7 +193,7 @@ def why_not(backend: str, call: Call) -> Optional[str]:
     impl = _IMPLEMENTATIONS[call.op].get(backend)
     if impl is None:
         return f"{call.op} has no {backend} implementation"
-    reason = build_why_not(backend, call.device_type)
+    reason = build_why_not(backend, call.device_type, impl.compiled)
     if reason is None:
         reason = impl.why_not(call)
     return reason
