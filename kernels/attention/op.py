@@ -146,6 +146,15 @@ def _reference_backward(grad_output, x, pos, in_w, in_b, out_w, out_b, num_heads
 backends.register(backends.Implementation(OP, "reference", lambda: (reference.aifi_attention_reference, _reference_backward)))
 
 
+def _cpu_kernels():
+    from . import cpu
+
+    return cpu.forward, cpu.backward
+
+
+backends.register(backends.Implementation(OP, "cpu", _cpu_kernels, compiled=False))
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
