@@ -157,6 +157,15 @@ def _reference_backward(grad_scores, indices, classes, grad_gathered, num_tokens
 backends.register(backends.Implementation(OP, "reference", lambda: (_reference_forward, _reference_backward)))
 
 
+def _cpu_kernels():
+    from . import cpu
+
+    return cpu.forward, _reference_backward  # the backward is scatters either way
+
+
+backends.register(backends.Implementation(OP, "cpu", _cpu_kernels, compiled=False))
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
