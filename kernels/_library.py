@@ -304,11 +304,10 @@ class OpDef:
         its schema (``deterministic`` and ``backend`` are appended)."""
         raise NotImplementedError
 
-    def validate(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def describe(self, problem) -> backends.Call:
-        raise NotImplementedError
+    # validate(*args, **kwargs) -> problem: the public function's arguments checked (the one place)
+    # describe(problem) -> backends.Call: what the backends' why_not decide on
+    validate: Callable
+    describe: Callable
 
     # -- shared machinery ------------------------------------------------------------------
 

@@ -92,6 +92,14 @@ def _check_mask(attn_mask, x: torch.Tensor, N: int, L: int, num_heads: int) -> N
         raise ValueError(f"attn_mask: expected shape [L, L] = {[L, L]} or [N * num_heads, L, L] = {[N * num_heads, L, L]}, got {list(attn_mask.shape)}")
 
 
+def describe(problem: Problem) -> backends.Call:
+    dtypes = tuple(t.dtype for t in problem.tensors if t is not None)
+    mask = "none" if problem.attn_mask is None else ("bool" if problem.attn_mask.dtype == torch.bool else "float")
+    E = problem.x.shape[-1]
+    options = (("num_heads", problem.num_heads), ("head_dim", E // problem.num_heads), ("mask", mask))
+    return backends.Call(OP, problem.x.device.type, dtypes, options)
+
+
 # --------------------------------------------------------------------------------------------
 # The op and its backends
 # --------------------------------------------------------------------------------------------
@@ -128,11 +136,8 @@ class AIFIAttention(OpDef):
         grads = backward(grad_outputs[0], *saved[:-1], meta, saved[-1], needs)
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
 
-    def validate(self, *args, **kwargs) -> Problem:
-        return validate(*args, **kwargs)
-
-    def describe(self, problem: Problem) -> backends.Call:
-        return describe(problem)
+    validate = staticmethod(validate)
+    describe = staticmethod(describe)
 
 
 ATTENTION = AIFIAttention()
@@ -194,12 +199,6 @@ def aifi_attention(
     return ATTENTION(*problem.tensors, problem.num_heads, problem.attn_mask, chosen)
 
 
-def describe(problem: Problem) -> backends.Call:
-    dtypes = tuple(t.dtype for t in problem.tensors if t is not None)
-    mask = "none" if problem.attn_mask is None else ("bool" if problem.attn_mask.dtype == torch.bool else "float")
-    E = problem.x.shape[-1]
-    options = (("num_heads", problem.num_heads), ("head_dim", E // problem.num_heads), ("mask", mask))
-    return backends.Call(OP, problem.x.device.type, dtypes, options)
 
 
 explain = ATTENTION.explain

@@ -173,6 +173,12 @@ def _check_level_start(level_start_index, shapes) -> None:
         raise ValueError(f"level_start_index: expected {expected} for spatial_shapes {list(shapes)}, got {starts}")
 
 
+def describe(problem: Problem) -> backends.Call:
+    dtypes = (problem.value.dtype, problem.sampling_locations.dtype, problem.attention_weights.dtype)
+    options = (("method", problem.method), ("levels", len(problem.spatial_shapes)), ("channels", problem.value.shape[-1]))
+    return backends.Call(OP, problem.value.device.type, dtypes, options)
+
+
 # --------------------------------------------------------------------------------------------
 # The op and its backends
 # --------------------------------------------------------------------------------------------
@@ -211,11 +217,8 @@ class MSDeformAttn(OpDef):
         grads = backward(grad_outputs[0], *saved, *meta, *need)
         return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 3
 
-    def validate(self, *args, **kwargs) -> Problem:
-        return validate(*args, **kwargs)
-
-    def describe(self, problem: Problem) -> backends.Call:
-        return describe(problem)
+    validate = staticmethod(validate)
+    describe = staticmethod(describe)
 
 
 MSDA = MSDeformAttn()
@@ -307,10 +310,6 @@ def ms_deform_attn(
     return out.reshape(N, out.shape[1], M * D)
 
 
-def describe(problem: Problem) -> backends.Call:
-    dtypes = (problem.value.dtype, problem.sampling_locations.dtype, problem.attention_weights.dtype)
-    options = (("method", problem.method), ("levels", len(problem.spatial_shapes)), ("channels", problem.value.shape[-1]))
-    return backends.Call(OP, problem.value.device.type, dtypes, options)
 
 
 explain = MSDA.explain

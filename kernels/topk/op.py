@@ -70,6 +70,14 @@ def validate(logits: torch.Tensor, k: int, gather: Sequence[torch.Tensor] = (), 
     return Problem(logits, k, gather, bool(pairs))
 
 
+def describe(problem: Problem) -> backends.Call:
+    dtypes = (problem.logits.dtype,) + tuple(t.dtype for t in problem.gather)
+    # only sizes that stay static under torch.compile (the token count varies with the input size)
+    options = (("k", problem.k), ("classes", problem.logits.shape[-1]), ("gather", len(problem.gather)),
+               ("pairs", problem.pairs))
+    return backends.Call(OP, problem.logits.device.type, dtypes, options)
+
+
 # --------------------------------------------------------------------------------------------
 # The op and its backends
 # --------------------------------------------------------------------------------------------
@@ -117,11 +125,8 @@ class TopKSelect(OpDef):
         return (grad_logits if need_logits else None, None, [g if need else None for g, need in zip(grads, need_gather)],
                 None)
 
-    def validate(self, *args, **kwargs) -> Problem:
-        return validate(*args, **kwargs)
-
-    def describe(self, problem: Problem) -> backends.Call:
-        return describe(problem)
+    validate = staticmethod(validate)
+    describe = staticmethod(describe)
 
 
 TOPK = TopKSelect()
@@ -230,12 +235,6 @@ def topk_select_flat(
     return top_scores, labels, queries, tuple(gathered)
 
 
-def describe(problem: Problem) -> backends.Call:
-    dtypes = (problem.logits.dtype,) + tuple(t.dtype for t in problem.gather)
-    # only sizes that stay static under torch.compile (the token count varies with the input size)
-    options = (("k", problem.k), ("classes", problem.logits.shape[-1]), ("gather", len(problem.gather)),
-               ("pairs", problem.pairs))
-    return backends.Call(OP, problem.logits.device.type, dtypes, options)
 
 
 explain = TOPK.explain
