@@ -1,9 +1,11 @@
-"""Helpers shared by the op tests: which (device, backend) pairs can run here, tolerances."""
+"""Helpers shared by the op tests: which (op, device, backend) triples can run here, deterministic mode,
+recording the registered ops' calls."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import List, Tuple
+from typing import List, Optional, Sequence
 
 import pytest
 import torch
@@ -25,30 +27,55 @@ def require_extension():
     return ext
 
 
-def backend_params(op: str) -> List[Tuple[str, str]]:
-    """Every (device, backend) pair that is built and usable here, as pytest params.
+def pair_skip_reason(op: str, device: str, backend: str) -> Optional[str]:
+    """Why the registry says ``backend`` cannot serve ``op`` on ``device`` tensors at all (float32), or None."""
+    reason = backends.why_not(backend, backends.Call(op, device, (torch.float32,)))
+    return None if reason is None else f"{backend} on {device}: {reason}"
 
-    Pairs that cannot run are still listed, and skipped with the reason (so a missing build is
-    visible in the summary rather than silently untested).
+
+def op_backend_params(ops: Sequence[str], skips: bool = True) -> list:
+    """Every (op, device, backend) triple as pytest params with ids "op-device-backend".
+
+    Triples that cannot run are still listed, and (with ``skips``) skipped with the reason, so that a
+    missing build is visible in the summary rather than silently untested.
     """
     params = []
-    for device in DEVICES:
-        for backend in backends.BACKENDS:
-            call = backends.Call(op, device, (torch.float32,))
-            reason = backends.why_not(backend, call)
-            marks = [pytest.mark.skip(reason=f"{backend} on {device}: {reason}")] if reason else []
-            params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    for op in ops:
+        for device in DEVICES:
+            for backend in backends.BACKENDS:
+                reason = pair_skip_reason(op, device, backend) if skips else None
+                marks = [pytest.mark.skip(reason=reason)] if reason else []
+                params.append(pytest.param(op, device, backend, id=f"{op}-{device}-{backend}", marks=marks))
     return params
 
 
+def backend_params(op: str) -> List:
+    """Every (device, backend) pair for one op, as pytest params (skipped with the reason where the
+    registry says the pair cannot run)."""
+    return [pytest.param(*p.values[1:], id=p.id.split("-", 1)[1], marks=p.marks) for p in op_backend_params([op])]
+
+
 def interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Triton kernels run on CPU tensors through the interpreter in this process."""
+    return backends.triton_interpreter()
 
 
 def skip_if_interpreted_bf16(device: str, backend: str, dtype: torch.dtype) -> None:
     """bf16 arithmetic is wrong in the Triton interpreter (stored as uint16); test bf16 on GPU."""
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("bf16 is not supported by the Triton interpreter")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """torch.use_deterministic_algorithms(enabled) for the block; restores what was set before."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
 
 
 class OpCalls(TorchDispatchMode):

@@ -33,6 +33,13 @@ Shapes = Sequence[Tuple[int, int]]
 # guarantees that it picks the same cell (and the same one-sided gradient) as the float64 oracle.
 KNOT_MARGIN = 1e-3
 
+# The sampling methods, as (id, the op's arguments, the oracle's arguments)
+METHODS = [
+    ("bilinear", {}, {}),
+    ("discrete_per_axis", dict(method="discrete", discrete_clamp="per_axis"), dict(method="discrete", clamp="per_axis")),
+    ("discrete_official", dict(method="discrete", discrete_clamp="official"), dict(method="discrete", clamp="official")),
+]
+
 
 # --------------------------------------------------------------------------------------------
 # The oracle

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rtdetr_kernels
+from helpers import deterministic_algorithms
 from rtdetr_kernels import backends
 
 SHAPES = [(20, 20), (10, 10), (5, 5)]
@@ -30,9 +31,7 @@ def test_capture_and_replay_forward_backward(backend, deterministic):
         pytest.skip(reason)
     if deterministic and backend == "reference":
         pytest.skip("the reference's deterministic backward relies on torch's own kernels")
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
+    with deterministic_algorithms(deterministic):
         static = [t.clone() for t in _inputs(0)]
         leaves = [t.requires_grad_() for t in static[:3]]
 
@@ -60,5 +59,3 @@ def test_capture_and_replay_forward_backward(backend, deterministic):
             expected = step()
             for got, exp in zip(captured, expected):
                 torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
-    finally:
-        torch.use_deterministic_algorithms(previous)

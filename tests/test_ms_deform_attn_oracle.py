@@ -8,14 +8,12 @@ msda_oracle.SCALED_TOL).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
-from helpers import backend_params, interpreter
-from msda_oracle import (SCALED_TOL, assert_close_scaled, best_float_dtype, check_against_oracle, make_inputs,
+from helpers import backend_params, deterministic_algorithms, interpreter
+from msda_oracle import (METHODS, SCALED_TOL, assert_close_scaled, best_float_dtype, check_against_oracle, make_inputs,
                          oracle, oracle_scalar, random_locations, run, to_v1)
 from rtdetr_kernels.ms_deform_attn import ms_deform_attn_grid_sample
 
@@ -151,24 +149,32 @@ def _knot_locations(gen, N, Lq, M):
     return loc
 
 
+@pytest.mark.parametrize("method", METHODS, ids=[m[0] for m in METHODS])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_knots_and_exact_borders(device, backend, dtype):
+def test_knots_and_exact_borders(device, backend, dtype, method):
+    """Locations on pixel centres, edges and rounding ties: every backend picks the oracle's cell, the
+    oracle's one-sided location gradient and the oracle's nearest pixel (the kernels round like it)."""
+    name, op_method, oracle_method = method
     gen = torch.Generator().manual_seed(4)
     N, Lq, M, D = 1, 13, 2, 3
     inputs = make_inputs(4, N, Lq, M, D, KNOT_SHAPES, KNOT_POINTS, dtype=torch.float32)
     loc = _knot_locations(gen, N, Lq, M)
-    if dtype == torch.float64 and best_float_dtype(backend, device, inputs, KNOT_SHAPES) != torch.float64:
+    if dtype == torch.float64 and best_float_dtype(backend, device, inputs, KNOT_SHAPES, **op_method) != torch.float64:
         pytest.skip(f"{backend} on {device} does not serve float64")
-    result = run(backend, device, inputs["value"], KNOT_SHAPES, loc, inputs["weights"], inputs["grad_out"], dtype=dtype)
-    expected = oracle(inputs["value"], KNOT_SHAPES, loc, inputs["weights"], KNOT_POINTS, inputs["grad_out"])
-    check_against_oracle(result, expected, dtype, f"{backend}/knots/{dtype}")
-    # points exactly on the borders x = -1, x = W, y = -1, y = H are skipped: no grads at all
+    result = run(backend, device, inputs["value"], KNOT_SHAPES, loc, inputs["weights"], inputs["grad_out"], dtype=dtype,
+                 **op_method)
+    expected = oracle(inputs["value"], KNOT_SHAPES, loc, inputs["weights"], KNOT_POINTS, inputs["grad_out"],
+                      **oracle_method)
+    check_against_oracle(result, expected, dtype, f"{backend}/knots/{name}/{dtype}")
     W = torch.tensor([w for (h, w), p in zip(KNOT_SHAPES, KNOT_POINTS) for _ in range(p)], dtype=torch.float64)
     H = torch.tensor([h for (h, w), p in zip(KNOT_SHAPES, KNOT_POINTS) for _ in range(p)], dtype=torch.float64)
     px, py = loc[..., 0] * W - 0.5, loc[..., 1] * H - 0.5
     on_border = (px == -1) | (px == W) | (py == -1) | (py == H)
     assert on_border.sum() >= 10 and (px == W - 1).sum() >= 3 and (px == 0).sum() >= 3
+    if op_method:
+        return  # nearest sampling reads a clamped pixel on the borders; it has no location gradient
+    # bilinear: points exactly on the borders x = -1, x = W, y = -1, y = H are skipped: no grads at all
     _, _, grad_loc, grad_weights = result
     assert (grad_loc[on_border] == 0).all(), "a point on the exact border got a location gradient"
     assert (grad_weights[on_border] == 0).all(), "a point on the exact border got a weight gradient"
@@ -205,19 +211,24 @@ def test_out_of_range_locations(device, backend, method):
     check_against_oracle(result, expected, dtype, f"{backend}/far/{method}/{dtype}")
 
 
-@pytest.mark.parametrize("method", ["bilinear", "discrete"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the Triton interpreter
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("method", METHODS, ids=[m[0] for m in METHODS])
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_non_finite_locations(device, backend, method):
-    """NaN/inf locations: no crash, finite outputs, the point contributes nothing and gets zero grads."""
+def test_non_finite_locations(device, backend, method, deterministic):
+    """NaN/inf locations: no crash, finite outputs, the point contributes nothing and gets zero grads
+    (on both grad_value paths)."""
+    name, op_method, oracle_method = method
     shapes, points = [(5, 7), (1, 1), (3, 2)], [2, 2, 2]
     inputs = make_inputs(6, 2, 13, 2, 3, shapes, points, dtype=torch.float32)
     gen = torch.Generator().manual_seed(6)
     loc, hit = _plant(gen, inputs["loc"], NON_FINITE, 0.25)
-    dtype = best_float_dtype(backend, device, inputs, shapes, method=method)
-    result = run(backend, device, inputs["value"], shapes, loc, inputs["weights"], inputs["grad_out"], dtype=dtype,
-                 method=method)
-    expected = oracle(inputs["value"], shapes, loc, inputs["weights"], points, inputs["grad_out"], method=method)
-    check_against_oracle(result, expected, dtype, f"{backend}/nonfinite/{method}/{dtype}")  # also checks finiteness
+    dtype = best_float_dtype(backend, device, inputs, shapes, **op_method)
+    with deterministic_algorithms(deterministic):
+        result = run(backend, device, inputs["value"], shapes, loc, inputs["weights"], inputs["grad_out"], dtype=dtype,
+                     **op_method)
+    expected = oracle(inputs["value"], shapes, loc, inputs["weights"], points, inputs["grad_out"], **oracle_method)
+    check_against_oracle(result, expected, dtype, f"{backend}/nonfinite/{name}/{dtype}")  # also checks finiteness
     assert hit.sum() > 20
     _, _, grad_loc, grad_weights = result
     assert (grad_loc[hit] == 0).all() and (grad_weights[hit] == 0).all()

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import rtdetr_kernels
-from helpers import OpCalls, backend_params, interpreter, skip_if_interpreted_bf16
+from helpers import backend_params, interpreter, skip_if_interpreted_bf16
 from msda_oracle import make_inputs, oracle, run, to_v1
 from rtdetr_kernels.ms_deform_attn import ms_deform_attn_grid_sample
 
@@ -112,11 +112,8 @@ def test_autocast_bf16(device, backend):
     inputs = make_inputs(21, N, Lq, M, D, SHAPES, POINTS, dtype=torch.bfloat16, loc_dtype=torch.float32)
     loc, weights = to_v1(inputs["loc"], inputs["weights"], len(SHAPES))
     tensors = [t.to(device=device, dtype=torch.float32).requires_grad_() for t in (inputs["value"], loc, weights)]
-    with OpCalls("ms_deform_attn") as spy, torch.autocast(device, dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):  # (the dtypes reaching the op: test_op_contract.py)
         out = rtdetr_kernels.ms_deform_attn(tensors[0], SHAPES, tensors[1], tensors[2], backend=backend)
-    # the dtypes that reach the registered op, after the autocast policy
-    assert [[a.dtype for a in call if isinstance(a, torch.Tensor)] for call in spy.calls] == [
-        [torch.bfloat16, torch.float32, torch.float32]]
     assert out.dtype == torch.bfloat16
     out.backward(inputs["grad_out"].to(device=device, dtype=torch.bfloat16))
     assert [t.grad.dtype for t in tensors] == [torch.float32] * 3

@@ -1,7 +1,10 @@
-"""topk_select's contract: exact order (distinct values against torch.topk, ties by lower index,
-+inf/-inf/NaN), gathers (inf copied as is, any dtype and rank), gradients (against autograd of plain
-torch), the RT-DETR shape, the post-processor form, opcheck of both custom ops,
-torch.compile(fullgraph=True), every bad input and its message, empty batch, backend selection.
+"""topk_select's own contract: exact order on every backend (distinct values against torch.topk,
+ties by lower index, +inf/-inf/NaN), gathers (inf copied as is, any dtype and rank), gradients
+(against autograd of plain torch, only the needed ones), the RT-DETR shape, the post-processor form.
+
+What every op shares (bad inputs and their messages, empty batch, strides, opcheck, gradcheck,
+torch.compile, determinism, autocast, backend selection) is in test_op_contract.py, driven by
+op_testers/topk_select.py.
 """
 
 from __future__ import annotations
@@ -11,12 +14,27 @@ import math
 import pytest
 import torch
 
-import rtdetr_kernels
-from helpers import OpCalls
-from rtdetr_kernels import BackendUnavailableError, backends
+from helpers import OpCalls, backend_params
+from op_testers import recorded
+from op_testers.topk_select import rtdetr_like
+from rtdetr_kernels import BackendUnavailableError
 from rtdetr_kernels.topk import topk_select, topk_select_flat, topk_select_reference
 
 INF, NAN = math.inf, math.nan
+BACKENDS = backend_params("topk_select")
+
+
+@pytest.fixture
+def select(device, backend):
+    """topk_select(logits, k) on the test's device and backend, results back on the CPU."""
+    def run(logits, k):
+        try:
+            scores, indices, _ = topk_select(logits.to(device), k, backend=backend)
+        except BackendUnavailableError as exc:  # a dtype this backend does not serve
+            pytest.skip(str(exc))
+        return scores.cpu(), indices.cpu(), ()
+
+    return run
 
 
 def _logits_with_class_max(token_scores: torch.Tensor, C: int) -> torch.Tensor:
@@ -43,39 +61,42 @@ def _oracle_order(scores_row: list, k: int) -> list:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T,C,k", [(1, 1, 1), (7, 3, 7), (97, 5, 13), (250, 80, 250)])
-def test_permutation_rows_match_torch_topk(T, C, k, dtype):
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_permutation_rows_match_torch_topk(select, T, C, k, dtype):
     """Distinct values (permutations of arange, exact in every dtype at T <= 256): exact indices."""
     N = 3
     token_scores = torch.stack([torch.randperm(T) for _ in range(N)]).to(dtype) - T // 2
     logits = _logits_with_class_max(token_scores.double(), C).to(dtype)
-    scores, indices, gathered = topk_select(logits, k)
+    scores, indices, gathered = select(logits, k)
     expected = torch.topk(logits.max(-1).values, k, dim=1)
     assert indices.dtype == torch.int64 and scores.dtype == dtype and gathered == ()
     assert torch.equal(indices, expected.indices)
     assert torch.equal(scores, expected.values)
 
 
-def test_ties_go_to_the_lower_index():
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_ties_go_to_the_lower_index(select):
     N, T, C, k = 2, 40, 3, 11
     constant = torch.full((N, T, C), 0.5)
-    _, indices, _ = topk_select(constant, k)
+    _, indices, _ = select(constant, k)
     assert torch.equal(indices, torch.arange(k).expand(N, k))
     # many ties among few values: the order is the oracle's, the values are torch.topk's
     token_scores = torch.randint(-3, 4, (N, T)).float()
     logits = _logits_with_class_max(token_scores, C)
-    scores, indices, _ = topk_select(logits, k)
+    scores, indices, _ = select(logits, k)
     for n in range(N):
         assert indices[n].tolist() == _oracle_order(token_scores[n].tolist(), k)
     torch.testing.assert_close(scores, torch.topk(token_scores, k, dim=1).values, atol=0, rtol=0)
     # -0.0 and +0.0 are one value
     signed_zeros = torch.tensor([[0.0, -0.0, 0.0, -0.0]]).unsqueeze(-1)
-    assert topk_select(signed_zeros, 4)[1].tolist() == [[0, 1, 2, 3]]
+    assert select(signed_zeros, 4)[1].tolist() == [[0, 1, 2, 3]]
 
 
-def test_infinities_and_nan():
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_infinities_and_nan(select):
     row = [1.0, NAN, INF, -INF, 1.0, -2.0, NAN, INF, -INF, 0.5]
     logits = torch.tensor([row, row[::-1]]).unsqueeze(-1)
-    scores, indices, _ = topk_select(logits, len(row))
+    scores, indices, _ = select(logits, len(row))
     for n, r in enumerate((row, row[::-1])):
         assert indices[n].tolist() == _oracle_order(r, len(row))
     assert scores[0, :2].tolist() == [INF, INF] and torch.isnan(scores[0, -2:]).all()
@@ -83,12 +104,12 @@ def test_infinities_and_nan():
     logits = torch.randn(1, 6, 4)
     logits[0, 2, 1] = NAN
     logits[0, 4] = -INF
-    _, indices, _ = topk_select(logits, 6)
+    _, indices, _ = select(logits, 6)
     assert indices[0, -2:].tolist() == [4, 2]
     # +inf logits (as in the official inf anchors' neighbourhood) rank first, in index order
     logits = torch.randn(2, 50, 3)
     logits[:, [31, 7, 44], 1] = INF
-    _, indices, _ = topk_select(logits, 5)
+    _, indices, _ = select(logits, 5)
     assert indices[:, :3].tolist() == [[7, 31, 44]] * 2
 
 
@@ -106,29 +127,23 @@ def test_scores_are_the_class_max_of_the_first_max_class():
 # --------------------------------------------------------------------------------------------
 
 
-def _rtdetr_like(N, T, C, hidden, dtype=torch.float32, invalid=()):
-    output_memory = torch.randn(N, T, hidden, dtype=dtype)
-    logits = torch.randn(N, T, C, dtype=dtype)
-    coord_unact = torch.randn(N, T, 4, dtype=dtype)
-    coord_unact[:, list(invalid)] = INF  # invalid anchors
-    return output_memory, logits, coord_unact
-
-
-def test_gather_copies_every_tensor_as_is():
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_gather_copies_every_tensor_as_is(device, backend):
     N, T, C, k = 2, 60, 5, 20
     invalid = list(range(0, 60, 3))
-    memory, logits, coords = _rtdetr_like(N, T, C, 16, invalid=invalid)
+    memory, logits, coords = rtdetr_like(71, N, T, C, 16, device, invalid=invalid)
     logits[:, invalid] += 2  # the invalid anchors are among the chosen
-    extra = (torch.randint(0, 100, (N, T)), torch.rand(N, T) > 0.5, torch.randn(N, T, 2, 3, dtype=torch.float64))
-    scores, indices, gathered = topk_select(logits, k, (memory, logits, coords) + extra)
-    batch = torch.arange(N).unsqueeze(1)
+    extra = tuple(t.to(device) for t in (torch.randint(0, 100, (N, T)), torch.rand(N, T) > 0.5,
+                                         torch.randn(N, T, 2, 3, dtype=torch.float64)))
+    scores, indices, gathered = topk_select(logits, k, (memory, logits, coords) + extra, backend=backend)
+    batch = torch.arange(N, device=device).unsqueeze(1)
     for source, got in zip((memory, logits, coords) + extra, gathered):
         assert got.dtype == source.dtype and got.shape == (N, k, *source.shape[2:])
         assert torch.equal(got, source[batch, indices])
     assert torch.isinf(gathered[2]).any() and (gathered[2][torch.isinf(gathered[2])] > 0).all()
     # a non-contiguous source gives the same
     memory_t = memory.transpose(0, 1).contiguous().transpose(0, 1)
-    assert torch.equal(topk_select(logits, k, (memory_t,))[2][0], gathered[0])
+    assert torch.equal(topk_select(logits, k, (memory_t,), backend=backend)[2][0], gathered[0])
 
 
 def _plain_torch(logits, indices, sources):
@@ -140,12 +155,16 @@ def _plain_torch(logits, indices, sources):
     return [scores] + gathered
 
 
-def test_backward_matches_autograd_of_plain_torch():
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_backward_matches_autograd_of_plain_torch(device, backend):
     N, T, C, k = 2, 70, 6, 25
-    memory, logits, coords = _rtdetr_like(N, T, C, 8, dtype=torch.float64, invalid=[1, 5])
+    memory, logits, coords = rtdetr_like(72, N, T, C, 8, device, dtype=torch.float64, invalid=[1, 5])
     ours = [t.clone().requires_grad_() for t in (logits, memory, coords)]
     plain = [t.clone().requires_grad_() for t in (logits, memory, coords)]
-    scores, indices, gathered = topk_select(ours[0], k, (ours[1], ours[0], ours[2]))
+    try:
+        scores, indices, gathered = topk_select(ours[0], k, (ours[1], ours[0], ours[2]), backend=backend)
+    except BackendUnavailableError as exc:  # float64 (exact comparison) is not served everywhere
+        pytest.skip(str(exc))
     outputs = [scores, *gathered]
     grads = [torch.randn_like(o) for o in outputs]
     torch.autograd.backward(outputs, grads)
@@ -155,32 +174,22 @@ def test_backward_matches_autograd_of_plain_torch():
 
 
 def test_backward_computes_only_the_needed_grads():
-    memory, logits, coords = _rtdetr_like(2, 30, 4, 8)
+    memory, logits, coords = rtdetr_like(73, 2, 30, 4, 8)
     memory.requires_grad_()
-    scores, _, (g_memory, g_coords) = topk_select(logits, 10, (memory, coords))
-    with OpCalls("topk_select_backward") as spy:
+    with OpCalls("topk_select_backward") as spy:  # the spy also routes the forward through the registered op
+        scores, _, (g_memory, g_coords) = topk_select(logits, 10, (memory, coords))
         (g_memory * torch.randn_like(g_memory)).sum().backward()
-    assert [(call[6], list(call[7])) for call in spy.calls] == [(False, [True, False])]  # need_logits, need_gather
+    needs = [(recorded("topk_select_backward", call, "need_logits"),
+              list(recorded("topk_select_backward", call, "need_gather"))) for call in spy.calls]
+    assert needs == [(False, [True, False])]
     assert memory.grad is not None and logits.grad is None and coords.grad is None
-
-
-def test_gradcheck_float64():
-    token_scores = torch.randperm(12).double().reshape(1, 12).repeat(2, 1)  # gaps of 1 >> eps: order is stable
-    logits = _logits_with_class_max(token_scores, 3).requires_grad_()
-    memory = torch.randn(2, 12, 3, dtype=torch.float64, requires_grad=True)
-
-    def fn(logits, memory):
-        scores, _, (g_memory, g_logits) = topk_select(logits, 5, (memory, logits))
-        return scores, g_memory, g_logits
-
-    assert torch.autograd.gradcheck(fn, (logits, memory), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 def test_rtdetr_shapes_match_torch_topk():
     """[N, 8400, 80] logits, k = 300, gather of output_memory, logits and inf-holding box logits."""
     N, T, C, k = 2, 8400, 80, 300
     invalid = torch.randperm(T)[:316].tolist()  # the 80x80 level's border ring at 640 px
-    memory, _, coords = _rtdetr_like(N, T, C, 256, invalid=invalid)
+    memory, _, coords = rtdetr_like(74, N, T, C, 256, invalid=invalid)
     token_scores = torch.stack([torch.randperm(T) for _ in range(N)]).float() / 1000  # distinct, exact in fp32
     logits = _logits_with_class_max(token_scores, C)
     scores, indices, (g_memory, g_logits, g_coords) = topk_select(logits, k, (memory, logits, coords))
@@ -209,64 +218,6 @@ def test_post_processor_form():
         topk_select_flat(probabilities.long(), k)
 
 
-def test_empty_batch():
-    logits = torch.randn(0, 9, 4, requires_grad=True)
-    memory = torch.randn(0, 9, 5, requires_grad=True)
-    scores, indices, (g_memory,) = topk_select(logits, 3, (memory,))
-    assert scores.shape == (0, 3) and indices.shape == (0, 3) and g_memory.shape == (0, 3, 5)
-    (scores.sum() + g_memory.sum()).backward()
-    assert logits.grad.shape == logits.shape and memory.grad.shape == memory.shape
-
-
-# --------------------------------------------------------------------------------------------
-# torch.library
-# --------------------------------------------------------------------------------------------
-
-
-def test_opcheck():
-    memory, logits, coords = _rtdetr_like(2, 20, 4, 6, invalid=[3])
-    labels = torch.randint(0, 4, (2, 20))
-    args = (logits.requires_grad_(), 7, [memory.requires_grad_(), coords, labels], "reference")
-    torch.library.opcheck(torch.ops.rtdetr_kernels.topk_select.default, args)
-    strided = (logits.detach().transpose(0, 1).contiguous().transpose(0, 1), 7, [memory.detach()[..., ::2]], "reference")
-    torch.library.opcheck(torch.ops.rtdetr_kernels.topk_select.default, strided)
-    _, indices, classes, gathered = topk_select_reference(logits.detach(), 7, [memory.detach(), coords])
-    backward = torch.ops.rtdetr_kernels.topk_select_backward.default
-    grad_scores = torch.randn(2, 7)
-    grads = [torch.randn_like(g) for g in gathered]
-    for need_logits, need_gather in ((True, [True, True]), (False, [True, False]), (True, [False, False])):
-        torch.library.opcheck(backward, (grad_scores, indices, classes, grads, 20, 4, need_logits, need_gather, "reference"))
-
-
-def test_torch_compile_fullgraph():
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-
-    @torch.compile(backend=counter, fullgraph=True)
-    def select_queries(logits, memory, coords):
-        scores, indices, (target, boxes) = topk_select(logits, 5, (memory, coords), backend="reference")
-        return scores.sigmoid(), indices, target * 2, boxes.detach()
-
-    for T in (20, 33):
-        memory, logits, coords = _rtdetr_like(2, T, 4, 6, invalid=[0])
-        logits.requires_grad_()
-        memory.requires_grad_()
-        for t in (logits, memory, coords):
-            torch._dynamo.mark_dynamic(t, 1)
-        scores, indices, target, boxes = select_queries(logits, memory, coords)
-        (scores.sum() + target.sum()).backward()
-        eager_logits, eager_memory = logits.detach().requires_grad_(), memory.detach().requires_grad_()
-        e_scores, e_indices, (e_target, e_boxes) = topk_select(eager_logits, 5, (eager_memory, coords))
-        (e_scores.sigmoid().sum() + (e_target * 2).sum()).backward()
-        assert torch.equal(indices, e_indices) and torch.equal(boxes, e_boxes)
-        torch.testing.assert_close(scores, e_scores.sigmoid())
-        torch.testing.assert_close(logits.grad, eager_logits.grad)
-        torch.testing.assert_close(memory.grad, eager_memory.grad)
-    assert counter.frame_count == 1, f"recompiled for a new token count ({counter.frame_count} compiles)"
-
-
 def test_torch_compile_fullgraph_auto_backend():
     torch._dynamo.reset()
 
@@ -278,74 +229,3 @@ def test_torch_compile_fullgraph_auto_backend():
     torch.testing.assert_close(select_queries(logits), topk_select(logits, 3)[0])
 
 
-def test_deterministic_mode():
-    memory, logits, coords = _rtdetr_like(2, 40, 4, 6)
-    results = []
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        for _ in range(2):
-            leaves = [t.clone().requires_grad_() for t in (logits, memory)]
-            scores, _, (g_memory,) = topk_select(leaves[0], 9, (leaves[1],))
-            (scores.sum() + (g_memory * 3).sum()).backward()
-            results.append([leaves[0].grad, leaves[1].grad])
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
-
-# --------------------------------------------------------------------------------------------
-# Bad inputs: (id, how to break the valid call, exception, what the message must name)
-# --------------------------------------------------------------------------------------------
-
-
-def _valid_args():
-    memory, logits, coords = _rtdetr_like(2, 20, 4, 6)
-    return dict(logits=logits, k=5, gather=(memory, coords))
-
-
-BAD_INPUTS = [
-    ("logits_int", lambda a: a.update(logits=a["logits"].long()), TypeError, "logits"),
-    ("logits_not_tensor", lambda a: a.update(logits=a["logits"].tolist()), TypeError, "logits"),
-    ("logits_rank2", lambda a: a.update(logits=a["logits"][..., 0]), ValueError, "logits"),
-    ("logits_rank4", lambda a: a.update(logits=a["logits"][None]), ValueError, "logits"),
-    ("logits_no_classes", lambda a: a.update(logits=a["logits"][..., :0]), ValueError, "logits"),
-    ("k_zero", lambda a: a.update(k=0), ValueError, "k"),
-    ("k_negative", lambda a: a.update(k=-1), ValueError, "k"),
-    ("k_above_tokens", lambda a: a.update(k=21), ValueError, r"k = 21 with T = 20"),
-    ("k_float", lambda a: a.update(k=5.0), TypeError, "k"),
-    ("k_bool", lambda a: a.update(k=True), TypeError, "k"),
-    ("k_tensor", lambda a: a.update(k=torch.tensor(5)), TypeError, "k"),
-    ("gather_single_tensor", lambda a: a.update(gather=a["gather"][0]), TypeError, "gather"),
-    ("gather_not_sequence", lambda a: a.update(gather=5), TypeError, "gather"),
-    ("gather_entry_not_tensor", lambda a: a.update(gather=(a["gather"][0], [1, 2])), TypeError, r"gather\[1\]"),
-    ("gather_batch", lambda a: a.update(gather=(a["gather"][0][:1],)), ValueError, r"gather\[0\]"),
-    ("gather_tokens", lambda a: a.update(gather=(a["gather"][0], a["gather"][1][:, :19])), ValueError, r"gather\[1\]"),
-    ("gather_rank1", lambda a: a.update(gather=(torch.randn(2),)), ValueError, r"gather\[0\]"),
-    ("gather_device", lambda a: a.update(gather=(a["gather"][0].to("meta"),)), ValueError, r"gather\[0\]"),
-    ("backend_unknown", lambda a: a.update(backend="tpu"), ValueError, "backend"),
-]
-
-
-@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_names_the_argument(case):
-    name, breaks, error, argument = case
-    args = _valid_args()
-    breaks(args)
-    with pytest.raises(error, match=argument):
-        topk_select(**args)
-
-
-def test_backends_and_explain(monkeypatch):
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    args = _valid_args()
-    for backend in ("triton", "cuda", "cpu"):
-        with pytest.raises(BackendUnavailableError, match=f"has no {backend} implementation"):
-            topk_select(**args, backend=backend)
-    expected = topk_select(**args, backend="reference")
-    got = topk_select(**args)
-    assert torch.equal(got[1], expected[1])
-    text = rtdetr_kernels.explain("topk_select", **args)
-    assert "* reference ok" in text and "has no triton implementation" in text
-    assert "topk_select" in backends.registered_ops()
