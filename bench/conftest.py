@@ -1,5 +1,6 @@
 """Shared settings of the microbenchmarks: time budget (RTDETR_BENCH_BUDGET_S), quick mode
-(RTDETR_BENCH_QUICK=1), and the device name recorded with every result."""
+(RTDETR_BENCH_QUICK=1), the device name recorded with every result, the versions recorded in the JSON's
+machine_info, and the order the benchmarks run in (see pytest_collection_modifyitems)."""
 
 import os
 import time
@@ -38,3 +39,34 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "compiled: uses torch.compile (slow to warm up)")
     torch.set_num_threads(int(os.environ.get("RTDETR_BENCH_THREADS", "2")) if not torch.cuda.is_available()
                           else torch.get_num_threads())
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The versions (and GPU compute capability) of the run, in the JSON itself, where bench/report.py reads them."""
+    versions = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    for name in ("triton", "rtdetr_kernels"):
+        try:
+            versions[name] = getattr(__import__(name), "__version__", "unknown")
+        except ImportError:
+            pass
+    gpu = torch.cuda.is_available()
+    machine_info["rtdetr"] = {"versions": versions,
+                              "capability": "%d.%d" % torch.cuda.get_device_capability() if gpu else None}
+
+
+def pytest_collection_modifyitems(items):
+    """Run every provider of one (dtype, case, mode) together, float32 first, torch.compile'd anchors at the end:
+    when the time budget runs out, each group measured so far has ours and its anchors, so its speedups exist
+    (pytest's own order runs one provider through every case before the next)."""
+    params = [item.callspec.params if hasattr(item, "callspec") else {} for item in items]
+    rank = {}  # (parameter, value) -> when pytest's own order first shows it
+    for p in params:
+        for name, value in p.items():
+            rank.setdefault((name, repr(value)), len(rank))
+
+    def order(p):
+        compiled = str(p.get("provider", "")).endswith("-compiled")
+        return (compiled, *(rank.get((name, repr(p.get(name))), -1) for name in ("dtype", "case", "mode")))
+
+    keys = {id(item): order(p) for item, p in zip(items, params)}
+    items.sort(key=lambda item: keys[id(item)])

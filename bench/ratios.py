@@ -81,6 +81,31 @@ def rows(groups):
     return out
 
 
+def tables(path, stat="median"):
+    """The Markdown tables of one run, as lines: per provider, paired (when recorded), peak memory (when recorded)."""
+    _, groups = load(path, stat)
+    lines = ["| case | dtype | mode | comparison | ours ms | other ms | speedup |", "|---|---|---|---|---|---|---|"]
+    for case, dtype, mode, what, ours, other, ratio in rows(groups):
+        lines.append(f"| {case} | {dtype} | {mode} | {what} | {ours:.3f} | {other:.3f} | {ratio:.2f}x |")
+    pairs = paired(path)
+    if pairs:
+        lines += ["", "Paired: ours and the anchor called alternately, so both see the same machine; speedup = median"
+                  " over the rounds of anchor / ours (p10: the 10th percentile), times = each one's minimum", "",
+                  "| case | dtype | mode | comparison | ours ms | other ms | speedup | p10 | rounds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for case, dtype, mode, what, ours, other, ratio, p10, rounds in pairs:
+            lines.append(f"| {case} | {dtype} | {mode} | {what} | {ours:.3f} | {other:.3f} | {ratio:.2f}x | {p10:.2f}x"
+                         f" | {rounds} |")
+    _, memory = load(path, field="peak_mem_mb")
+    if memory:
+        lines += ["", "Peak memory of forward+backward (MB above the inputs); fraction < 1: ours uses less", "",
+                  "| case | dtype | comparison | ours MB | other MB | fraction |", "|---|---|---|---|---|---|"]
+        for case, dtype, mode, what, ours, other, _ in rows(memory):
+            if "deterministic" not in what:
+                lines.append(f"| {case} | {dtype} | {what} | {ours:.1f} | {other:.1f} | {ours / other:.2f} |")
+    return lines
+
+
 def main(argv):
     if not argv:
         print(__doc__)
@@ -89,28 +114,9 @@ def main(argv):
     if stat not in ("median", "min"):
         print(f"--stat must be median or min, got {stat!r}")
         return 2
-    device, groups = load(argv[0], stat)
+    device, _ = load(argv[0], stat)
     print(f"device: {device}; statistic: {stat} per provider\n")
-    print("| case | dtype | mode | comparison | ours ms | other ms | speedup |")
-    print("|---|---|---|---|---|---|---|")
-    for case, dtype, mode, what, ours, other, ratio in rows(groups):
-        print(f"| {case} | {dtype} | {mode} | {what} | {ours:.3f} | {other:.3f} | {ratio:.2f}x |")
-    pairs = paired(argv[0])
-    if pairs:
-        print("\nPaired: ours and the anchor called alternately, so both see the same machine; speedup = median"
-              " over the rounds of anchor / ours (p10: the 10th percentile), times = each one's minimum\n")
-        print("| case | dtype | mode | comparison | ours ms | other ms | speedup | p10 | rounds |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for case, dtype, mode, what, ours, other, ratio, p10, rounds in pairs:
-            print(f"| {case} | {dtype} | {mode} | {what} | {ours:.3f} | {other:.3f} | {ratio:.2f}x | {p10:.2f}x | {rounds} |")
-    _, memory = load(argv[0], field="peak_mem_mb")
-    if memory:
-        print("\nPeak memory of forward+backward (MB above the inputs); fraction < 1: ours uses less\n")
-        print("| case | dtype | comparison | ours MB | other MB | fraction |")
-        print("|---|---|---|---|---|---|")
-        for case, dtype, mode, what, ours, other, _ in rows(memory):
-            if "deterministic" not in what:
-                print(f"| {case} | {dtype} | {what} | {ours:.1f} | {other:.1f} | {ours / other:.2f} |")
+    print("\n".join(tables(argv[0], stat)))
     return 0
 
 

@@ -1,200 +1,260 @@
 #!/usr/bin/env python3
-"""Render the latest GPU-suite results as a Markdown benchmark table and PNG charts.
+"""The report of one benchmark run: results folder, README table and charts, from the real pytest-benchmark JSON.
 
-  python bench/report.py                              # print the table of the newest bench/results/*/results.json
-  python bench/report.py --update-readme README.md    # replace the block between the markers below
-  python bench/report.py --png docs/bench             # one bar chart per benchmark group (needs matplotlib)
-  python bench/report.py --results bench/results/2026-11-20-nvidia-h100-80gb-hbm3
+    python bench/report.py bench/results/cpu-msda.json --readme README.md   # writes bench/results/cpu-msda/
+    python bench/report.py OUT_DIR     # a bench/gpu_suite.py folder: OUT_DIR/bench.json, results written there
 
-The README block sits between ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->``;
-the markers stay, everything between them is replaced. Dry-run results (``bench/gpu_suite.sh
---dry-run``) are ignored unless ``--include-dry-run`` is given.
+SOURCE is a pytest-benchmark JSON of bench/test_ms_deform_attn.py, or a folder holding one as bench.json.
+The results folder (--out; default: the folder given, or beside the JSON file under its stem) gets
+results.json (device, versions, date, commit, every ratio, and what the GPU driver left there: steps.json,
+junit.xml, logs/sanitizer-<tool>.log and .json), summary.md and speedup-<dtype>.png. --readme replaces the text
+between the bench-table markers with the speedup table. The ratios are bench/ratios.py's; the statistic is
+the minimum over rounds on CPU (a shared host only ever adds time) and the median (CUDA events) on GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import datetime
 import json
 import os
 import re
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+import xml.etree.ElementTree as ET
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from collect_results import _fmt_time as fmt_time  # noqa: E402  (bench/ is not a package)
-from collect_results import _md_escape as _cell  # noqa: E402
+import ratios  # noqa: E402  (bench/ is not a package)
 
-START = "<!-- bench-table:start -->"
-END = "<!-- bench-table:end -->"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_ROOT = os.path.join(REPO, "bench", "results")
-
-
-def _load(path: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+MODES = ("forward", "backward", "forward+backward")
+ANCHOR_LABELS = {"reference-grid-sample": "vs grid_sample", "reference-grid-sample-compiled": "vs grid_sample compiled",
+                 "torch-ms-deform-attn": "vs torch-ms-deform-attn"}
+DTYPE_ORDER = ("float32", "bfloat16", "float16")
 
 
-def find_latest(root: str = DEFAULT_ROOT, include_dry_run: bool = False) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """(path, results) of the newest results.json that has benchmarks (by its date, then folder name)."""
-    found = []
-    for path in glob.glob(os.path.join(root, "*", "results.json")):
-        data = _load(path)
-        if not data or (data.get("dry_run") and not include_dry_run):
-            continue
-        has_bench = bool((data.get("benchmarks") or {}).get("items")) or data.get("e2e") is not None
-        found.append((has_bench, str(data.get("date") or ""), os.path.basename(os.path.dirname(path)), path, data))
-    if not found:
-        return None
-    with_bench = [f for f in found if f[0]] or found
-    best = max(with_bench, key=lambda f: (f[1], f[2]))
-    return best[3], best[4]
+def _natural(text):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def resolve(results: Optional[str], root: str, include_dry_run: bool) -> Tuple[str, Dict[str, Any]]:
-    if results:
-        path = os.path.join(results, "results.json") if os.path.isdir(results) else results
-        data = _load(path)
-        if data is None:
-            raise SystemExit(f"report.py: cannot read results from {path}")
-        return path, data
-    latest = find_latest(root, include_dry_run)
-    if latest is None:
-        raise SystemExit(f"report.py: no results.json under {root} (run bench/gpu_suite.sh on a GPU machine first)")
-    return latest
+def run_info(path):
+    """Device, date, commit and versions of one pytest-benchmark JSON (versions: what bench/conftest.py recorded)."""
+    with open(path) as f:
+        data = json.load(f)
+    device, _ = ratios.load(path)
+    machine = data.get("machine_info", {})
+    versions = {"python": machine.get("python_version"), **machine.get("rtdetr", {}).get("versions", {})}
+    commit = data.get("commit_info", {})
+    return {"device": device, "gpu": bool(device) and not device.startswith("cpu"),
+            "host_cpu": machine.get("cpu", {}).get("brand_raw"), "date": data.get("datetime"),
+            "commit": {k: commit.get(k) for k in ("id", "branch", "dirty")}, "versions": versions}
 
 
-def header_line(r: Dict[str, Any]) -> str:
-    dev = r.get("device") or {}
-    ver = r.get("versions") or {}
-    git = r.get("git") or {}
-    date = str(r.get("date") or "")[:10]
-    commit = (git.get("commit") or "")[:10] or f"source {git.get('source_hash')}"
-    return (f"Measured on **{dev.get('name') or 'unknown device'}** on {date} (driver {ver.get('driver')}, "
-            f"CUDA {ver.get('torch_cuda') or ver.get('cuda_toolkit')}, torch {ver.get('torch')}, triton {ver.get('triton')}; "
-            f"commit {commit}). Medians; speedup = the group's baseline median / this median, both from the same run.")
+def default_stat(info):
+    return "median" if info["gpu"] else "min"
 
 
-def _e2e_rows(e2e: Any) -> List[Dict[str, Any]]:
-    if isinstance(e2e, list):
-        rows = e2e
-    elif isinstance(e2e, dict):
-        rows = next((e2e[k] for k in ("rows", "results", "benchmarks") if isinstance(e2e.get(k), list)), [])
-    else:
-        rows = []
-    return [row for row in rows if isinstance(row, dict)]
+def speedup_rows(path, stat):
+    """ratios.rows as dicts: one per (case, dtype, mode, ours, other)."""
+    _, groups = ratios.load(path, stat)
+    out = []
+    for case, dtype, mode, what, ours_ms, other_ms, ratio in ratios.rows(groups):
+        ours, other = what.split(" vs ")
+        out.append(dict(case=case, dtype=dtype, mode=mode, ours=ours, other=other, ours_ms=ours_ms, other_ms=other_ms,
+                        speedup=ratio))
+    return groups, out
 
 
-def render_markdown(r: Dict[str, Any], max_rows: int = 80) -> str:
-    lines = [header_line(r), ""]
-    items = (r.get("benchmarks") or {}).get("items") or []
-    if items:
-        lines += ["| group | benchmark | median | speedup |", "|---|---|---:|---:|"]
-        for item in items[:max_rows]:
-            sp = (item.get("ratios") or {}).get("speedup_vs_baseline")
-            lines.append(f"| {_cell(item.get('group') or '')} | {_cell(item.get('name'))} | "
-                         f"{fmt_time(item.get('median_s'))} | {'-' if sp is None else f'{sp:.2f}x'} |")
-        if len(items) > max_rows:
-            lines.append(f"\n{len(items) - max_rows} more rows in the results file.")
-    rows = _e2e_rows(r.get("e2e"))
-    if rows:
-        keys: List[str] = []
-        for row in rows:
-            for k in row:
-                if k not in keys and not isinstance(row[k], (dict, list)):
-                    keys.append(k)
-        keys = keys[:8]
-        lines += ["", "End to end:", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for row in rows[:max_rows]:
-            cells = []
-            for k in keys:
-                v = row.get(k, "")
-                cells.append(f"{v:.4g}" if isinstance(v, float) else _cell(v))
-            lines.append("| " + " | ".join(cells) + " |")
-    if not items and not rows:
-        lines.append("No benchmark results in this run.")
-    return "\n".join(lines) + "\n"
+def table(groups, rows):
+    """Markdown lines: one row per (case, dtype, ours); each cell holds forward / backward / forward+backward."""
+    by_key = {}
+    for r in rows:
+        fast = r["ours"] if r["other"] in ANCHOR_LABELS else r["other"]
+        column = ANCHOR_LABELS.get(r["other"], "deterministic vs fast")
+        by_key[(r["case"], r["dtype"], fast, column, r["mode"])] = r["speedup"]
+    ours_keys = sorted({(case, dtype, o) for (case, dtype, _), times in groups.items() for o in ratios.OURS if o in times},
+                       key=lambda k: (DTYPE_ORDER.index(k[1]) if k[1] in DTYPE_ORDER else 9, _natural(k[0]),
+                                      ratios.OURS.index(k[2])))
+    columns = [c for c in (*ANCHOR_LABELS.values(), "deterministic vs fast") if any(k[3] == c for k in by_key)]
+
+    def cell(values, fmt):
+        return " / ".join("–" if v is None else fmt(v) for v in values)
+
+    lines = ["| case | dtype | ours | ours ms | " + " | ".join(columns) + " |", "|---|---|---|---|" + "---|" * len(columns)]
+    for case, dtype, ours in ours_keys:
+        ms = [groups.get((case, dtype, m), {}).get(ours) for m in MODES]
+        speedups = [cell([by_key.get((case, dtype, ours, c, m)) for m in MODES], lambda v: f"{v:.2f}x") for c in columns]
+        lines.append(f"| {case} | {dtype} | {ours} | {cell(ms, lambda v: f'{v:#.3g}')} | " + " | ".join(speedups) + " |")
+    return lines
 
 
-def update_readme(path: str, table: str) -> bool:
-    """Replace the text between the markers; True when the file changed."""
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+def header(info, stat, source, out_dir):
+    commit = info["commit"]
+    sha = (commit.get("id") or "unknown")[:7] + (" (uncommitted changes)" if commit.get("dirty") else "")
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+    if "torch" not in info["versions"]:
+        versions += "; torch and triton versions not recorded in this file"
+    what = "GPU" if info["gpu"] else "CPU"
+    host = f" ({info['host_cpu']})" if info["host_cpu"] and not info["gpu"] else ""
+    how = ("minimum over the rounds" if stat == "min" else
+           "median of CUDA-event times" if info["gpu"] else "median over the rounds")
+    lines = [f"{what} run on **{info['device']}**{host}, {str(info['date'])[:10]}, commit {sha}, {versions}.",
+             f"Speedup = the anchor's time / ours (> 1: ours faster), {how}, each provider timed on its own; "
+             "each cell: forward / backward / forward+backward."]
+    if not info["gpu"]:
+        lines.append("A CPU run on a shared host: compare the ratios, not the absolute times.")
+    lines.append(f"Source: `{source}`; all tables: `{out_dir}/summary.md`.")
+    return lines
+
+
+def update_readme(path, block):
+    with open(path) as f:
+        text = f.read()
     start, end = text.find(START), text.find(END)
-    if start < 0 or end < 0 or end < start:
-        raise SystemExit(f"report.py: {path} lacks the markers {START} ... {END} (in that order)")
-    new = text[: start + len(START)] + "\n" + table.rstrip("\n") + "\n" + text[end:]
-    if new == text:
-        return False
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(new)
-    return True
+    if start < 0 or end < start:
+        raise SystemExit(f"report.py: {path} lacks {START} ... {END}")
+    with open(path, "w") as f:
+        f.write(text[:start + len(START)] + "\n" + block.rstrip("\n") + "\n" + text[end:])
 
 
-def write_charts(r: Dict[str, Any], out_dir: str) -> List[str]:
-    """One horizontal bar chart of medians per benchmark group; [] with a message without matplotlib."""
-    try:
-        import matplotlib
+def write_charts(rows, info, out_dir):
+    """speedup-<dtype>.png: ours against each anchor, per case and mode (log scale)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("report.py: matplotlib is not installed; skipping the charts", file=sys.stderr)
-        return []
-    items = [i for i in (r.get("benchmarks") or {}).get("items") or [] if i.get("median_s")]
-    groups: Dict[str, List[Dict[str, Any]]] = {}
-    for item in items:
-        groups.setdefault(item.get("group") or "ungrouped", []).append(item)
-    os.makedirs(out_dir, exist_ok=True)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
     written = []
-    device = (r.get("device") or {}).get("name") or "unknown device"
-    for group, members in groups.items():
-        names = [m["name"] for m in members]
-        ms = [m["median_s"] * 1e3 for m in members]
-        fig, ax = plt.subplots(figsize=(8, 0.45 * len(members) + 1.4))
-        bars = ax.barh(range(len(members)), ms, color="#4c72b0")
-        ax.set_yticks(range(len(members)))
-        ax.set_yticklabels(names, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("median time (ms)")
-        ax.set_title(f"{group} - {device}, {str(r.get('date') or '')[:10]}", fontsize=10)
-        for bar, m in zip(bars, members):
-            sp = (m.get("ratios") or {}).get("speedup_vs_baseline")
-            if sp is not None:
-                ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {sp:.2f}x", va="center", fontsize=8)
+    for dtype in sorted({r["dtype"] for r in rows}, key=lambda d: DTYPE_ORDER.index(d) if d in DTYPE_ORDER else 9):
+        anchors = [a for a in ANCHOR_LABELS if any(r["dtype"] == dtype and r["other"] == a for r in rows)]
+        cases = sorted({r["case"] for r in rows if r["dtype"] == dtype}, key=_natural)
+        series = sorted({(r["ours"], r["mode"]) for r in rows if r["dtype"] == dtype and r["other"] in anchors},
+                        key=lambda s: (s[0], MODES.index(s[1])))
+        fig, axes = plt.subplots(1, len(anchors), figsize=(5 * len(anchors), 0.6 * len(cases) * len(series) ** 0.5 + 2),
+                                 squeeze=False, sharey=True)
+        height = 0.8 / len(series)
+        for ax, anchor in zip(axes[0], anchors):
+            values = {(r["case"], r["ours"], r["mode"]): r["speedup"] for r in rows
+                      if r["dtype"] == dtype and r["other"] == anchor}
+            for i, (ours, mode) in enumerate(series):
+                ys = [c + i * height for c in range(len(cases))]
+                ax.barh(ys, [values.get((case, ours, mode), 0) for case in cases], height, label=f"{ours} {mode}")
+            ax.axvline(1, color="black", linewidth=0.8)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.set_title(ANCHOR_LABELS[anchor], fontsize=10)
+            ax.set_xlabel("speedup (x, > 1: ours faster)")
+        axes[0][0].set_yticks([c + 0.4 - height / 2 for c in range(len(cases))], cases, fontsize=8)
+        axes[0][0].invert_yaxis()
+        axes[0][-1].legend(fontsize=7, loc="lower right")
+        fig.suptitle(f"ms_deform_attn {dtype}, {info['device']}, {str(info['date'])[:10]}", fontsize=10)
         fig.tight_layout()
-        path = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9._-]+", "-", group).strip("-") + ".png")
-        fig.savefig(path, dpi=120)
+        path = os.path.join(out_dir, f"speedup-{dtype}.png")
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", help="a results.json or its folder (default: the newest under --root)")
-    parser.add_argument("--root", default=DEFAULT_ROOT, help="folder of result folders (default bench/results)")
-    parser.add_argument("--update-readme", metavar="README", help="replace the table between the bench-table markers")
-    parser.add_argument("--png", metavar="DIR", help="write one PNG chart per benchmark group (needs matplotlib)")
-    parser.add_argument("--max-rows", type=int, default=80)
-    parser.add_argument("--include-dry-run", action="store_true", help="also consider results of --dry-run runs")
-    args = parser.parse_args(argv)
+def junit_summary(path):
+    """Counts of a pytest JUnit XML, and the names of the tests that failed or errored."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    counts["seconds"] = round(sum(float(s.get("time", 0)) for s in suites), 1)
+    counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
+                        if case.find("failure") is not None or case.find("error") is not None]
+    return counts
 
-    path, results = resolve(args.results, args.root, args.include_dry_run)
-    table = render_markdown(results, args.max_rows)
-    if args.update_readme:
-        changed = update_readme(args.update_readme, table)
-        print(f"report.py: {args.update_readme} {'updated' if changed else 'already up to date'} from {path}")
-    else:
-        sys.stdout.write(table)
-    if args.png:
-        for p in write_charts(results, args.png):
-            print(f"report.py: wrote {p}")
+
+def sanitizer_summary(log_path):
+    """compute-sanitizer's own count of errors (memcheck) or hazards (racecheck), and sanitize_cases' --json summary."""
+    with open(log_path, errors="replace") as f:
+        text = f.read()
+    found = (re.findall(r"ERROR SUMMARY: (\d+) error", text)
+             + re.findall(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", text))
+    cases_path = log_path[:-len(".log")] + ".json"
+    cases = json.load(open(cases_path)).get("summary") if os.path.exists(cases_path) else None
+    return {"errors": int(found[-1]) if found else None, "cases": cases}
+
+
+def run_files(out_dir):
+    """What bench/gpu_suite.py left in the folder: steps, test counts, sanitizer summaries."""
+    run = {}
+    if os.path.exists(os.path.join(out_dir, "steps.json")):
+        run["steps"] = json.load(open(os.path.join(out_dir, "steps.json")))
+    if os.path.exists(os.path.join(out_dir, "junit.xml")):
+        run["tests"] = junit_summary(os.path.join(out_dir, "junit.xml"))
+    logs = os.path.join(out_dir, "logs")
+    names = sorted(os.listdir(logs)) if os.path.isdir(logs) else []
+    run["sanitizer"] = {n[len("sanitizer-"):-4]: sanitizer_summary(os.path.join(logs, n))
+                        for n in names if n.startswith("sanitizer-") and n.endswith(".log")}
+    return run
+
+
+def run_lines(run):
+    """summary.md's lines about the GPU driver's steps, tests and sanitizer runs."""
+    lines = []
+    if run.get("steps"):
+        lines += ["## Steps", "", "| step | status | seconds | timeout s | detail | command |", "|---|---|---|---|---|---|"]
+        for s in run["steps"]:
+            lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {s['timeout_s']:.0f} | "
+                         f"{s.get('detail', '')} | `{s['command']}` |")
+        lines.append("")
+    if run.get("tests"):
+        t = run["tests"]
+        lines += [f"Tests: {t['tests']} run, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped "
+                  f"({t['seconds']} s)."] + [f"- failed: {name}" for name in t["failed"]] + [""]
+    for tool, s in run.get("sanitizer", {}).items():
+        errors = f"{s['errors']} errors" if s["errors"] is not None else "no summary line (did it finish?)"
+        lines.append(f"compute-sanitizer {tool}: {errors}; cases {s['cases']}.")
+    return lines
+
+
+def report(source, out_dir=None, readme=None, stat=None):
+    bench_json = os.path.join(source, "bench.json") if os.path.isdir(source) else source
+    if not out_dir:  # a run folder is its own results folder; another JSON gets one beside it, named by its stem
+        in_run = os.path.isdir(source) or os.path.basename(source) == "bench.json"
+        out_dir = os.path.dirname(bench_json) if in_run else os.path.splitext(source)[0]
+    os.makedirs(out_dir, exist_ok=True)
+    run = run_files(out_dir)
+    results = {"schema": 2, "reported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "run": run}
+    lines = [f"# Results in {out_dir}", ""]
+    block = "No benchmark results in this run."
+    if os.path.exists(bench_json):
+        info = run_info(bench_json)
+        stat = stat or default_stat(info)
+        groups, rows = speedup_rows(bench_json, stat)
+        base = os.path.dirname(os.path.abspath(readme)) if readme else os.getcwd()
+        rel = lambda p: os.path.relpath(os.path.abspath(p), base)  # noqa: E731
+        charts = write_charts(rows, info, out_dir) if rows else []
+        block_lines = header(info, stat, rel(bench_json), rel(out_dir)) + [""] + table(groups, rows)
+        if charts:
+            block_lines += ["", "Charts: " + ", ".join(f"[{os.path.basename(p)[8:-4]}]({rel(p)})" for p in charts) + "."]
+        block = "\n".join(block_lines)
+        results.update(info, statistic=stat, source=bench_json, speedups=rows, paired=ratios.paired(bench_json))
+        lines += [block, "", f"## All ratios ({stat})", ""] + ratios.tables(bench_json, stat) + [""]
+    lines += run_lines(run)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if readme:
+        update_readme(readme, block)
+    return results, block
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a pytest-benchmark JSON, or a results folder with bench.json")
+    parser.add_argument("--out", help="results folder (default: SOURCE if a folder, else beside it under its stem)")
+    parser.add_argument("--readme", help="replace the table between the bench-table markers of this file")
+    parser.add_argument("--stat", choices=("median", "min"), help="default: min on CPU, median on GPU")
+    args = parser.parse_args(argv)
+    _, block = report(args.source, args.out, args.readme, args.stat)
+    print(block)
     return 0
 
 

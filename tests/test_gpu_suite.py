@@ -1,287 +1,256 @@
-"""The GPU suite's own logic, without a GPU: bench/gpu_suite.sh --dry-run, collect_results.py, report.py."""
+"""The GPU run's own logic, without a GPU: bench/report.py on the committed CPU results, bench/gpu_suite.py's plan,
+budgets and Triton JIT count, and the order bench/conftest.py runs the benchmarks in."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUITE = os.path.join(REPO, "bench", "gpu_suite.sh")
-
-needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and coreutils timeout")
+CPU_RESULTS = os.path.join(REPO, "bench", "results", "cpu-msda.json")
+MODES = ("forward", "backward", "forward+backward")
 
 
-def _load(name: str):
+def _load(name):
+    sys.path.insert(0, os.path.join(REPO, "bench"))
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(REPO, "bench", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-collect_results = _load("collect_results")
-report = _load("report")
+report, ratios, gpu_suite = _load("report"), _load("ratios"), _load("gpu_suite")
 
 
-def _suite(*args, timeout=120):
-    env = dict(os.environ, PYTHON=sys.executable)
-    return subprocess.run(["bash", SUITE, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _block(readme_text):
+    start, end = readme_text.index(report.START), readme_text.index(report.END)
+    return readme_text[start + len(report.START):end].strip("\n")
 
 
-# --------------------------------------------------------------------------------------------
-# the dry run end to end
-# --------------------------------------------------------------------------------------------
+def _table(block):
+    """{(case, dtype, ours): {column: cell}} of the Markdown table in a README block."""
+    lines = [line for line in block.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        rows[(cells["case"], cells["dtype"], cells["ours"])] = cells
+    return rows
 
 
-@needs_bash
-def test_dry_run_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    proc = _suite("--dry-run", "--out", str(out), "--budget", "1h30m")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "FAIL" not in proc.stdout
-    assert "all 10 checks passed" in proc.stdout
-    assert "duration parsing (--budget 1h30m = 5400s)" in proc.stdout
-    for name in ("results.json", "summary.md", "env.json", "junit.xml", "bench.json", "steps.tsv"):
-        assert (out / name).is_file(), name
-    results = json.loads((out / "results.json").read_text())
-    assert results["dry_run"] is True and results["ok"] is True
-    assert results["tests"]["summary"]["passed"] == 3 and results["tests"]["summary"]["skipped"] == 2
-    items = {i["name"]: i for i in results["benchmarks"]["items"]}
-    assert items["test_msda_fwd[cuda]"]["ratios"]["speedup_vs_baseline"] == pytest.approx(4.0)
-    assert [s["tool"] for s in results["sanitizer"]] == ["memcheck", "racecheck"]
-    assert results["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
-    assert results["git"]["source_hash"]
+@pytest.fixture(scope="module")
+def cpu_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    readme = tmp / "README.md"
+    shutil.copy(os.path.join(REPO, "README.md"), readme)
+    results, block = report.report(CPU_RESULTS, str(tmp / "out"), str(readme))
+    return tmp, readme, results, block
+
+
+def test_readme_table_has_the_speedups_ratios_computes(cpu_report):
+    _, readme, _, _ = cpu_report
+    table = _table(_block(readme.read_text()))
+    _, groups = ratios.load(CPU_RESULTS, "min")
+    expected = {}
+    for case, dtype, mode, what, _, _, ratio in ratios.rows(groups):
+        ours, anchor = what.split(" vs ")
+        expected[(case, dtype, ours, report.ANCHOR_LABELS[anchor], mode)] = ratio
+    # the run's 39 (case, dtype, mode) groups against grid_sample, 9 against its compiled form, 21 against the PyPI kernel
+    assert [sum(k[3] == label for k in expected) for label in report.ANCHOR_LABELS.values()] == [39, 9, 21]
+    for (case, dtype, ours, column, mode), ratio in expected.items():
+        cell = table[(case, dtype, ours)][column].split(" / ")[MODES.index(mode)]
+        assert cell == f"{ratio:.2f}x", (case, dtype, mode, column)
+        assert math.isfinite(ratio) and ratio > 0
+    # every (case, dtype) of the CPU run has its speedup against grid_sample in every mode: none missing
+    assert len(table) == 13
+    for row in table.values():
+        assert re.fullmatch(r"[\d.]+x / [\d.]+x / [\d.]+x", row["vs grid_sample"]), row
+
+
+def test_readme_markers_replaced_and_rest_kept(cpu_report):
+    _, readme, _, block = cpu_report
+    text, original = readme.read_text(), open(os.path.join(REPO, "README.md")).read()
+    assert _block(text) == block.strip("\n")
+    assert text[:text.index(report.START)] == original[:original.index(report.START)]
+    assert text[text.index(report.END):] == original[original.index(report.END):]
+    assert "cpu (x86_64, 2 threads)" in block and "CPU run" in block and "commit 16f1cb2" in block
+
+
+def test_results_folder(cpu_report):
+    tmp, _, results, _ = cpu_report
+    out = tmp / "out"
+    written = json.loads((out / "results.json").read_text())
+    assert written["device"] == "cpu (x86_64, 2 threads)" and written["commit"]["id"].startswith("16f1cb2")
+    assert written["date"].startswith("2026-12-01") and written["statistic"] == "min"
+    assert written["versions"]["python"] == "3.11.7"
+    _, groups = ratios.load(CPU_RESULTS, "min")
+    assert len(written["speedups"]) == len(ratios.rows(groups))
+    assert all(isinstance(r["speedup"], float) and r["speedup"] > 0 for r in written["speedups"])
+    assert len(written["paired"]) == len(ratios.paired(CPU_RESULTS)) > 0
     summary = (out / "summary.md").read_text()
-    assert "(dry run)" in summary and "| memcheck | ok | 0 |" in summary and "4.00x" in summary
+    assert "\n".join(ratios.tables(CPU_RESULTS, "min")) in summary
+    for dtype in ("float32", "float16", "bfloat16"):
+        png = (out / f"speedup-{dtype}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-@needs_bash
-@pytest.mark.parametrize("args, message", [
-    (("--core-only", "--bench-only"), "exclude each other"),
-    (("--budget", "5parsecs"), "--budget: expected a duration"),
-    (("--budget",), "--budget needs a value"),
-    (("--frobnicate",), "unknown argument"),
-])
-def test_bad_arguments_are_refused(args, message):
-    proc = _suite(*args, timeout=30)
-    assert proc.returncode == 2
-    assert message in proc.stderr
+def test_committed_readme_is_the_report_of_its_source(tmp_path, monkeypatch):
+    """The README block names its source; rendering that source again gives the committed block."""
+    block = _block(open(os.path.join(REPO, "README.md")).read())
+    source = re.search(r"Source: `([^`]+)`", block).group(1)
+    out = re.search(r"all tables: `([^`]+)/summary.md`", block).group(1)
+    monkeypatch.chdir(REPO)  # the block's paths are relative to the README's folder
+    _, rendered = report.report(source, str(tmp_path / "out"))
+    assert rendered.replace(os.path.relpath(tmp_path / "out", REPO), out) == block
 
 
-@needs_bash
-def test_help():
-    proc = _suite("--help", timeout=30)
-    assert proc.returncode == 0
-    for flag in ("--out", "--budget", "--core-only", "--bench-only", "--dry-run"):
-        assert flag in proc.stdout
+def test_gpu_run_files_are_read(tmp_path):
+    """steps.json as the driver writes it, a JUnit XML that pytest wrote, compute-sanitizer's summary lines."""
+    (tmp_path / "test_sample.py").write_text("def test_ok():\n    pass\n\ndef test_bad():\n    assert False\n")
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_sample.py"),
+                    f"--junit-xml={tmp_path / 'junit.xml'}"], capture_output=True, cwd=tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "sanitizer-memcheck.log").write_text(
+        "========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 2 errors\n")
+    (tmp_path / "logs" / "sanitizer-racecheck.log").write_text(
+        "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+    entry = gpu_suite.run_step(gpu_suite.Step("tests", [sys.executable, "-c", "print('hi')"], 0), 30, str(tmp_path))
+    gpu_suite.record(str(tmp_path), entry)
+    results, block = report.report(str(tmp_path))
+    run = results["run"]
+    assert run["tests"]["tests"] == 2 and run["tests"]["failures"] == 1
+    assert run["tests"]["failed"] == ["test_sample::test_bad"]
+    assert run["sanitizer"]["memcheck"]["errors"] == 2 and run["sanitizer"]["racecheck"]["errors"] == 0
+    assert [s["name"] for s in run["steps"]] == ["tests"] and run["steps"][0]["status"] == "ok"
+    assert "No benchmark results" in block
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| tests | ok |" in summary and "- failed: test_sample::test_bad" in summary
 
 
-# --------------------------------------------------------------------------------------------
-# collect_results.py
-# --------------------------------------------------------------------------------------------
-
-JUNIT = textwrap.dedent("""\
-    <?xml version="1.0" encoding="utf-8"?>
-    <testsuites><testsuite name="pytest" errors="1" failures="1" skipped="2" tests="6" time="12.5">
-    <testcase classname="tests.test_msda" name="test_fwd[cuda-cuda]" time="1.25"/>
-    <testcase classname="tests.test_msda" name="test_bwd[cuda-cuda]" time="2.0"><failure message="AssertionError: mismatch">trace</failure></testcase>
-    <testcase classname="tests.test_msda" name="test_fwd[cuda-triton]" time="0"><skipped type="pytest.skip" message="triton: not written">s</skipped></testcase>
-    <testcase classname="tests.test_msda" name="test_odd" time="0"><skipped type="pytest.xfail" message="known">x</skipped></testcase>
-    <testcase classname="tests.test_build" name="test_import" time="0"><error message="fixture failed">e</error></testcase>
-    <testcase classname="tests.test_build" name="test_ok" time="0.5"/>
-    </testsuite></testsuites>
-    """)
-
-
-def test_parse_junit_counts_and_cases(tmp_path):
-    path = tmp_path / "junit.xml"
-    path.write_text(JUNIT)
-    parsed = collect_results.parse_junit(str(path))
-    assert parsed["summary"] == {"passed": 2, "failed": 1, "errors": 1, "skipped": 1, "xfailed": 1,
-                                 "total": 6, "time_s": 12.5}
-    by_name = {c["name"]: c for c in parsed["cases"]}
-    assert by_name["test_bwd[cuda-cuda]"]["outcome"] == "failed"
-    assert by_name["test_bwd[cuda-cuda]"]["message"] == "AssertionError: mismatch"
-    assert by_name["test_bwd[cuda-cuda]"]["id"] == "tests/test_msda.py::test_bwd[cuda-cuda]"
-    assert by_name["test_fwd[cuda-triton]"]["message"] == "triton: not written"
-    assert by_name["test_fwd[cuda-cuda]"]["time_s"] == 1.25
-    line = collect_results.junit_line(parsed["summary"])
-    assert line.startswith("passed 2, failed 1, errors 1, skipped 1 (total 6")
+def test_run_records_steps_jit_count_and_failures(tmp_path):
+    """The driver's loop on stand-in steps: statuses, the JIT count of the tests step, a failing sanitizer."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    compile_one = f"import os; os.makedirs('{cache}/H1'); open('{cache}/H1/__grp__msda_fwd.json', 'w').write('{{}}')"
+    sanitizer = "print('========= ERROR SUMMARY: 1 error'); raise SystemExit(86)"
+    steps = [gpu_suite.Step(name, [sys.executable, "-c", code], 0) for name, code in
+             (("build", "pass"), ("tests", compile_one), ("sanitizer-memcheck", sanitizer))]
+    bench = [gpu_suite.Step("bench", [sys.executable, "-c", "raise SystemExit('must not run')"], 0)]
+    ok = gpu_suite.run({"core": lambda: steps, "bench": lambda: bench}, {"core": 120, "bench": 0}, str(out), str(cache))
+    assert ok is False
+    recorded = json.loads((out / "steps.json").read_text())
+    assert [(s["name"], s["status"], s["rc"]) for s in recorded] == [("build", "ok", 0), ("tests", "ok", 0),
+                                                                        ("sanitizer-memcheck", "failed", 86)]
+    assert recorded[1]["triton_jit"] == {"msda_fwd": 1} and "1 Triton JIT compilations" in recorded[1]["detail"]
+    assert all(s["timeout_s"] <= 120 - gpu_suite.REPORT_S - gpu_suite.GRACE_S for s in recorded)
+    results, _ = report.report(str(out))
+    assert results["run"]["sanitizer"]["memcheck"]["errors"] == 1
 
 
-@pytest.mark.parametrize("text, rc, status, errors, warnings", [
-    ("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n", 0, "ok", 0, None),
-    ("========= Invalid __global__ read of size 4 bytes\n=========     at msda_fwd+0x1a0\n"
-     "========= ERROR SUMMARY: 2 errors\n", 86, "failed", 2, None),
-    ("========= ERROR SUMMARY: 0 errors\n", 1, "failed", 0, None),  # the program itself failed
-    ("========= RACECHECK SUMMARY: 3 hazards displayed (1 errors, 2 warnings)\n", 0, "failed", 1, 2),
-    ("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n", 0, "ok", 0, 0),
-    ("Traceback ...\nRuntimeError: CUDA error: an illegal memory access\n", 1, "no-summary", None, None),
-])
-def test_parse_sanitizer_log(tmp_path, text, rc, status, errors, warnings):
-    path = tmp_path / "memcheck.log"
-    path.write_text(text)
-    parsed = collect_results.parse_sanitizer_log(str(path), rc)
-    assert (parsed["status"], parsed["errors"], parsed["warnings"]) == (status, errors, warnings)
-    if errors == 2:
-        assert parsed["first_errors"] == ["========= Invalid __global__ read of size 4 bytes"]
+def test_dry_run_plan(capsys):
+    assert gpu_suite.main(["--dry-run", "--out", "/tmp/gpu-plan"]) == 0
+    plan = capsys.readouterr().out
+    steps = re.findall(r"^  (\S+) \(ends by (\d+) s\): (.*)$", plan, re.M)
+    assert [s[0] for s in steps] == ["build", "tests", "sanitizer-memcheck", "sanitizer-racecheck"] + \
+        (["build"] if not gpu_suite.build_is_current() else []) + ["bench"]
+    commands = {name: command for name, _, command in steps}
+    assert "TORCH_CUDA_ARCH_LIST=<this GPU's capability> FORCE_CUDA=1" in commands["build"]
+    assert commands["build"].endswith("setup.py build_ext --inplace")
+    assert "-m pytest tests" in commands["tests"] and "--junit-xml=/tmp/gpu-plan/junit.xml" in commands["tests"]
+    assert "TRITON_CACHE_DIR=" in commands["tests"]
+    for tool in ("memcheck", "racecheck"):
+        assert f"compute-sanitizer --tool {tool}" in commands[f"sanitizer-{tool}"]
+        assert "bench/sanitize_cases.py --backend cuda,triton" in commands[f"sanitizer-{tool}"]
+    assert "-m pytest bench" in commands["bench"] and "--benchmark-json=/tmp/gpu-plan/bench.json" in commands["bench"]
+    assert "RTDETR_BENCH_BUDGET_S=" in commands["bench"]
+    assert re.search(r"^report: .*bench/report.py /tmp/gpu-plan$", plan, re.M)
+    core_ends = [int(end) for _, end, _ in steps[:4]]
+    assert core_ends == sorted(core_ends) and core_ends[-1] <= 7 * 60 - gpu_suite.REPORT_S
 
 
-def _bench(name, group, median, backend=None, extra=None):
-    return {"name": name, "fullname": f"bench/test_x.py::{name}", "group": group,
-            "params": {"backend": backend} if backend else {}, "extra_info": extra or {},
-            "stats": {"min": median * 0.9, "max": median * 1.2, "mean": median * 1.05, "stddev": median * 0.01,
-                      "median": median, "iqr": median * 0.02, "rounds": 10, "ops": 1 / median, "data": [median] * 10}}
+def test_core_and_bench_only_plans(capsys):
+    gpu_suite.main(["--dry-run", "--core-only"])
+    assert "bench (budget" not in capsys.readouterr().out
+    gpu_suite.main(["--dry-run", "--bench-only", "--bench-budget", "4m"])
+    plan = capsys.readouterr().out
+    assert "core (budget" not in plan and "bench (budget 240 s)" in plan
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--dry-run", "--core-only", "--bench-only"])
 
 
-def test_bench_items_ratios():
-    data = {"benchmarks": [
-        _bench("fwd[reference]", "fwd", 8e-3, "reference"),
-        _bench("fwd[triton]", "fwd", 2e-3, "triton", {"speedup_vs_compiled": 1.7, "note": "x"}),
-        _bench("fwd[cuda]", "fwd", 1e-3, "cuda"),
-        _bench("bwd[cuda]", "bwd", 3e-3, "cuda"),  # a group without a baseline: no computed ratio
-        _bench("loose", None, 1e-3),
-    ]}
-    items = {i["name"]: i for i in collect_results.bench_items(data, "test_x")}
-    assert items["fwd[cuda]"]["ratios"]["speedup_vs_baseline"] == pytest.approx(8.0)
-    assert items["fwd[cuda]"]["ratios"]["baseline"] == "fwd[reference]"
-    assert items["fwd[triton]"]["ratios"]["speedup_vs_baseline"] == pytest.approx(4.0)
-    assert items["fwd[triton]"]["ratios"]["speedup_vs_compiled"] == 1.7
-    assert "note" not in items["fwd[triton]"]["ratios"]
-    assert items["fwd[reference]"]["baseline"] is True
-    assert "speedup_vs_baseline" not in items["bwd[cuda]"]["ratios"]
-    assert items["fwd[cuda]"]["median_s"] == 1e-3 and items["fwd[cuda]"]["rounds"] == 10
-    assert items["loose"]["source"] == "test_x"
+def test_sanitize_cases_accepts_the_flags_the_driver_passes():
+    help_text = subprocess.run([sys.executable, os.path.join(REPO, "bench", "sanitize_cases.py"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    for flag in [a for a in gpu_suite.SANITIZE if a.startswith("-")] + ["--json"]:
+        assert flag in help_text
 
 
-def test_read_steps_keeps_the_latest_run_of_a_step(tmp_path):
-    path = tmp_path / "steps.tsv"
-    path.write_text("build\tok\t0\t95\tlogs/build.log\tpip-editable\n"
-                    "tests\tfailed\t1\t300\tlogs/tests.log\tpassed 10, failed 1\n"
-                    "build\treused\t0\t2\tlogs/build.log\treused\n")
-    steps = collect_results.read_steps(str(path))
-    assert [(s["name"], s["status"], s["seconds"]) for s in steps] == [("tests", "failed", 300.0), ("build", "reused", 2.0)]
-    assert steps[0]["rc"] == 1 and steps[0]["detail"] == "passed 10, failed 1"
+@pytest.mark.parametrize("text, seconds", [("7m", 420), ("90s", 90), ("1m30s", 90), ("1h", 3600), ("300", 300)])
+def test_parse_duration(text, seconds):
+    assert gpu_suite.parse_duration(text) == seconds
 
 
-def test_collect_reports_failures(tmp_path):
-    out = tmp_path
-    (out / "sanitizer").mkdir()
-    (out / "bench").mkdir()
-    (out / "env.json").write_text(json.dumps({
-        "date": "2026-11-20T10:00:00+00:00", "device": {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0"},
-        "versions": {"torch": "2.11.0", "triton": "3.6.0", "driver": "580.159.04", "cuda_toolkit": "13.0",
-                     "torch_cuda": "13.0", "python": "3.12.3"},
-        "git": {"commit": "abc123", "source_hash": "f00"}}))
-    (out / "junit.xml").write_text(JUNIT)
-    (out / "sanitizer" / "memcheck.log").write_text("========= Invalid __global__ write\n========= ERROR SUMMARY: 1 error\n")
-    (out / "sanitizer" / "memcheck.cases.json").write_text(json.dumps({
-        "summary": {"ok": 3, "error": 1, "skipped": 0, "unusable": 0},
-        "cases": [{"id": "ms_deform_attn/cuda-x", "status": "error", "error": "RuntimeError: CUDA error"}],
-        "uncovered_ops": ["topk_select"]}))
-    (out / "sanitizer" / "racecheck.log").write_text("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
-    (out / "bench" / "test_msda.json").write_text(json.dumps({"benchmarks": [_bench("a[reference]", "g", 4e-3, "reference"),
-                                                                            _bench("a[cuda]", "g", 1e-3, "cuda")]}))
-    (out / "steps.tsv").write_text("build\tok\t0\t60\tlogs/build.log\tpip-editable\n"
-                                   "tests\tfailed\t1\t200\tlogs/tests.log\t\n"
-                                   "sanitizer-memcheck\tfailed\t86\t90\tsanitizer/memcheck.log\t\n"
-                                   "sanitizer-racecheck\tok\t0\t80\tsanitizer/racecheck.log\t\n")
-    results = collect_results.collect(str(out))
-    assert results["ok"] is False
-    assert results["problems"] == ["step tests", "step sanitizer-memcheck", "tests failed", "sanitizer memcheck"]
-    memcheck = next(s for s in results["sanitizer"] if s["tool"] == "memcheck")
-    assert memcheck["errors"] == 1 and memcheck["rc"] == 86 and memcheck["uncovered_ops"] == ["topk_select"]
-    assert memcheck["case_failures"][0]["id"] == "ms_deform_attn/cuda-x"
-    assert results["device"]["name"] == "NVIDIA H100 80GB HBM3"
-    # raw rounds are left in bench.json, not copied into results.json
-    assert "data" not in json.dumps(results["benchmarks"])
-    assert len(json.loads((out / "bench.json").read_text())["benchmarks"]) == 2
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["tests"]["summary"]["failed"] == 1
-    summary = (out / "summary.md").read_text()
-    assert "PROBLEMS: step tests" in summary
-    assert "failed: `tests/test_msda.py::test_bwd[cuda-cuda]`" in summary
-    assert "| memcheck | failed | 1 |" in summary
-    assert "| a[cuda] | g | 1 ms | 4.00x |" in summary
+@pytest.mark.parametrize("text", ["", "7x", "m7", "1.5m", "-5", "7m "])
+def test_parse_duration_refuses(text):
+    with pytest.raises(Exception):
+        gpu_suite.parse_duration(text)
 
 
-def test_slugify():
-    assert collect_results.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert collect_results.slugify("") == "unknown"
+def test_deadlines_keep_each_later_steps_reserve():
+    steps = [gpu_suite.Step(name, [], reserve) for name, reserve in (("a", 0), ("b", 100), ("c", 50))]
+    last = 420 - gpu_suite.REPORT_S - gpu_suite.GRACE_S
+    assert gpu_suite.deadlines(steps, 420) == [last - 150, last - 50, last]
 
 
-# --------------------------------------------------------------------------------------------
-# report.py
-# --------------------------------------------------------------------------------------------
+def test_step_timeout_stops_the_step(tmp_path):
+    step = gpu_suite.Step("slow", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], 0)
+    (tmp_path / "logs").mkdir()
+    entry = gpu_suite.run_step(step, 10, str(tmp_path))
+    assert entry["status"] == "timeout" and entry["seconds"] < 10 + gpu_suite.GRACE_S + 5
+    assert "started" in (tmp_path / entry["log"]).read_text()
+    assert gpu_suite.run_step(step, 5, str(tmp_path))["status"] == "skipped"  # too little time left to start
 
 
-def _results(date, name, dry=False, items=True):
-    return {"schema": 1, "date": date, "dry_run": dry, "device": {"name": name},
-            "versions": {"torch": "2.11.0", "triton": "3.6.0", "driver": "580", "torch_cuda": "13.0"},
-            "git": {"commit": "0123456789abcdef"},
-            "benchmarks": {"items": [
-                {"name": "fwd[reference]", "group": "msda fwd", "median_s": 2e-3, "ratios": {"speedup_vs_baseline": 1.0}},
-                {"name": "fwd[cuda]", "group": "msda fwd", "median_s": 2.5e-4, "ratios": {"speedup_vs_baseline": 8.0}},
-            ]} if items else None,
-            "e2e": {"rows": [{"model": "r50", "batch": 1, "speedup": 1.2345, "nested": {"x": 1}}]} if items else None}
+def test_triton_jit_count_on_this_triton(tmp_path):
+    """Compile one kernel for two dtypes, for sm_90, into a fresh cache: two compilations counted."""
+    pytest.importorskip("triton")
+    code = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+@triton.jit
+def copy_kernel(x, y, n):
+    i = tl.program_id(0) * 64 + tl.arange(0, 64)
+    tl.store(y + i, tl.load(x + i, mask=i < n), mask=i < n)
+
+for dtype in ("fp32", "fp16"):  # no constexpr: ASTSource's argument for them changed between triton versions
+    source = ASTSource(fn=copy_kernel, signature={"x": "*" + dtype, "y": "*" + dtype, "n": "i32"})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    (tmp_path / "compile_two.py").write_text(code)  # triton.jit reads the kernel's source file
+    subprocess.run([sys.executable, str(tmp_path / "compile_two.py")], env=env, check=True, capture_output=True,
+                   timeout=300)
+    assert gpu_suite.count_triton_jit(str(tmp_path / "cache")) == {"copy_kernel": 2}
 
 
-def _write_results(root, folder, data):
-    os.makedirs(root / folder, exist_ok=True)
-    (root / folder / "results.json").write_text(json.dumps(data))
-
-
-def test_report_picks_the_latest_real_run(tmp_path):
-    _write_results(tmp_path, "2026-11-01-nvidia-h100", _results("2026-11-01T00:00:00", "H100 old"))
-    _write_results(tmp_path, "2026-11-05-nvidia-h200", _results("2026-11-05T00:00:00", "H200 new"))
-    _write_results(tmp_path, "2026-11-09-cpu", _results("2026-11-09T00:00:00", "dry", dry=True))
-    _write_results(tmp_path, "2026-11-10-nvidia-h100", _results("2026-11-10T00:00:00", "core only", items=False))
-    path, data = report.find_latest(str(tmp_path))
-    assert data["device"]["name"] == "H200 new"
-    _, data = report.find_latest(str(tmp_path), include_dry_run=True)
-    assert data["device"]["name"] == "dry"
-    assert report.find_latest(str(tmp_path / "nothing")) is None
-
-
-def test_report_markdown_and_readme(tmp_path):
-    table = report.render_markdown(_results("2026-11-05T12:00:00", "NVIDIA H200"))
-    assert "Measured on **NVIDIA H200** on 2026-11-05" in table
-    assert "commit 0123456789" in table
-    assert "| msda fwd | fwd[cuda] | 250 us | 8.00x |" in table
-    assert "| model | batch | speedup |" in table and "| r50 | 1 | 1.234 |" in table
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\n{report.START}\nold\n{report.END}\n\nafter\n")
-    assert report.update_readme(str(readme), table) is True
-    text = readme.read_text()
-    assert "old" not in text and text.endswith(f"{report.END}\n\nafter\n") and "fwd[cuda]" in text
-    assert report.update_readme(str(readme), table) is False  # idempotent
-    bare = tmp_path / "BARE.md"
-    bare.write_text("# no markers\n")
-    with pytest.raises(SystemExit, match="lacks the markers"):
-        report.update_readme(str(bare), table)
-
-
-def test_report_cli_and_charts(tmp_path, capsys, monkeypatch):
-    _write_results(tmp_path, "2026-11-05-nvidia-h200", _results("2026-11-05T00:00:00", "NVIDIA H200"))
-    assert report.main(["--root", str(tmp_path)]) == 0
-    assert "fwd[reference]" in capsys.readouterr().out
-    try:
-        import matplotlib  # noqa: F401
-
-        have_mpl = True
-    except ImportError:
-        have_mpl = False
-    if have_mpl:
-        written = report.write_charts(_results("2026-11-05T00:00:00", "NVIDIA H200"), str(tmp_path / "png"))
-        assert [os.path.basename(p) for p in written] == ["msda-fwd.png"]
-        assert (tmp_path / "png" / "msda-fwd.png").read_bytes()[:4] == b"\x89PNG"
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails -> skipped with a message
-    assert report.write_charts(_results("2026-11-05T00:00:00", "x"), str(tmp_path / "none")) == []
-    assert "matplotlib is not installed" in capsys.readouterr().err
+def test_benchmarks_run_each_group_together():
+    """bench/conftest.py's order: the first benchmarks are ours and an anchor of one (dtype, case, mode)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                         cwd=REPO, capture_output=True, text=True).stdout
+    ids = re.findall(r"::test_ms_deform_attn\[(.*)\]", out)
+    assert len(ids) > 50, out[-2000:]
+    first_case = ids[0].split("-", 1)[1]  # e.g. forward-float32-decoder640-N1-Lq300
+    assert f"reference-grid-sample-{first_case}" in ids[:8], ids[:8]
+    compiled = [i for i, name in enumerate(ids) if name.startswith("reference-grid-sample-compiled")]
+    assert compiled and compiled == list(range(len(ids) - len(compiled), len(ids)))
