@@ -50,8 +50,8 @@ bench: setup
 gpu:
 	$(PYTHON) bench/gpu_suite.py $(GPU_SUITE_ARGS)
 
-# The commands `make gpu` would run, with their deadlines; no GPU needed.
-gpu-dry-run: setup
+# The commands `make gpu` would run, with their deadlines; needs torch, no GPU, no build.
+gpu-dry-run: $(VENV)/.deps
 	$(PY) bench/gpu_suite.py --dry-run $(GPU_SUITE_ARGS)
 
 clean:
