@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Small cases that drive every compiled kernel, forward and backward, for compute-sanitizer.
 
-``bench/gpu_suite.sh`` runs this under ``compute-sanitizer --tool memcheck`` and ``--tool racecheck``.
+``bench/gpu_suite.py`` runs this under ``compute-sanitizer --tool memcheck`` and ``--tool racecheck``.
 It exercises each op that ``rtdetr_kernels`` registers, on the ``cuda`` backend (csrc CUDA kernels)
 and the ``triton`` backend, with the cases of the op's own folder (``<op>/cases.py``,
 ``sanitizer_cases``): for MSDA, sampling locations exactly on the pixel edges, NaN and +-inf, huge

@@ -65,9 +65,11 @@ MODES = ["forward", "backward", "forward+backward"]
 
 
 def _ours():
+    """Every backend the registry has for the op and that runs here, but the reference (timed below
+    as RT-DETR's own grid_sample core)."""
     names = []
-    for backend in ("cuda", "triton", "cpu"):
-        if backends.why_not(backend, backends.Call("ms_deform_attn", DEVICE, (torch.float32,) * 3)) is None:
+    for backend in backends.implemented_backends("ms_deform_attn"):
+        if backend != "reference" and backends.why_not(backend, backends.Call("ms_deform_attn", DEVICE, (torch.float32,) * 3)) is None:
             names.append(backend)
             if DEVICE == "cuda":
                 names.append(backend + "-deterministic")
