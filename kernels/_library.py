@@ -55,14 +55,17 @@ def check_tensor(name: str, t: Any, *, dtypes: Optional[Sequence[torch.dtype]] =
     return t
 
 
-def check_int(name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None, what: str = "") -> int:
-    """``value`` is an int (a SymInt under tracing; not a bool) with ``low <= value <= high``."""
+def check_int(name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None,
+              what: Callable[[], str] = lambda: "") -> int:
+    """``value`` is an int (a SymInt under tracing; not a bool) with ``low <= value <= high``.
+    ``what()`` adds context to the message; it is called only on failure (formatting a symbolic
+    size would specialise it under torch.compile)."""
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = (f"{low} <= {name} <= {high}" if low is not None and high is not None
                   else f"{name} >= {low}" if low is not None else f"{name} <= {high}")
-        raise ValueError(f"{name}: expected {bounds}{what}, got {value}")
+        raise ValueError(f"{name}: expected {bounds}{what()}, got {value}")
     return value
 
 
@@ -272,7 +275,9 @@ class OpDef:
     """
 
     name: str
-    forward_schema: str  # "(Tensor value, ..., int method) -> Tensor"
+    # "(Tensor value, ..., SymInt method) -> Tensor"; sizes and counts are SymInt (an int that stays
+    # symbolic under torch.compile with dynamic shapes), as torch.library infers for Python ints
+    forward_schema: str
     backward_schema: str
     autocast_policy: Optional[Sequence[Optional[str]]] = None  # one rule per leading forward argument
 

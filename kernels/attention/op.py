@@ -110,11 +110,11 @@ _PARAMS = ("x", "pos", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out
 class AIFIAttention(OpDef):
     name = OP
     forward_schema = ("(Tensor x, Tensor? pos, Tensor in_proj_weight, Tensor? in_proj_bias, Tensor out_proj_weight, "
-                      "Tensor? out_proj_bias, int num_heads, Tensor? attn_mask) -> Tensor")
+                      "Tensor? out_proj_bias, SymInt num_heads, Tensor? attn_mask) -> Tensor")
     # Grads of (x, pos, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias); an empty
     # tensor where ``needs`` is False or the input is None.
     backward_schema = ("(Tensor grad_output, Tensor x, Tensor? pos, Tensor in_proj_weight, Tensor? in_proj_bias, "
-                       "Tensor out_proj_weight, Tensor? out_proj_bias, int num_heads, Tensor? attn_mask, bool[] needs) "
+                       "Tensor out_proj_weight, Tensor? out_proj_bias, SymInt num_heads, Tensor? attn_mask, bool[] needs) "
                        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
     # As nn.MultiheadAttention under autocast (its linears): every floating input follows the
     # autocast dtype; a float mask keeps its precision (the reference adds it in float32).

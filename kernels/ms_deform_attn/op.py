@@ -190,10 +190,10 @@ class MSDeformAttn(OpDef):
     nothing to sync on)."""
 
     name = OP
-    forward_schema = ("(Tensor value, Tensor sampling_locations, Tensor attention_weights, int[] spatial_shapes, "
-                      "int[] points_per_level, int method) -> Tensor")
+    forward_schema = ("(Tensor value, Tensor sampling_locations, Tensor attention_weights, SymInt[] spatial_shapes, "
+                      "SymInt[] points_per_level, SymInt method) -> Tensor")
     backward_schema = ("(Tensor grad_output, Tensor value, Tensor sampling_locations, Tensor attention_weights, "
-                       "int[] spatial_shapes, int[] points_per_level, int method, bool need_value, "
+                       "SymInt[] spatial_shapes, SymInt[] points_per_level, SymInt method, bool need_value, "
                        "bool need_locations, bool need_weights) -> (Tensor, Tensor, Tensor)")
     # value follows the autocast dtype; locations and weights keep (at least) float32 precision,
     # which is what grid_sample's "widest input" autocast rule gives the reference.

@@ -52,7 +52,7 @@ def validate(logits: torch.Tensor, k: int, gather: Sequence[torch.Tensor] = (), 
         raise ValueError(f"{scores_name}: expected at least one class, got shape [N, T, C] = {list(logits.shape)}")
     candidates = T * C if pairs else T
     check_int("k", k, low=1, high=candidates,
-              what=f" ({tokens}{' x classes' if pairs else ''} = {candidates}; {scores_name} shape {list(logits.shape)})")
+              what=lambda: f" ({tokens}{' x classes' if pairs else ''} = {candidates}; {scores_name} shape {list(logits.shape)})")
     if isinstance(gather, torch.Tensor):
         raise TypeError("gather: expected a sequence of tensors, got a single tensor (wrap it: gather=(t,))")
     try:
@@ -89,11 +89,11 @@ class TopKSelect(OpDef):
 
     name = OP
     # -> scores [N, k], indices [N, k] int64, classes [N, k] int64, gathered [N, k, *] each
-    forward_schema = "(Tensor logits, int k, Tensor[] gather, bool pairs) -> (Tensor, Tensor, Tensor, Tensor[])"
+    forward_schema = "(Tensor logits, SymInt k, Tensor[] gather, bool pairs) -> (Tensor, Tensor, Tensor, Tensor[])"
     # -> grad_logits [N, T, C], grads of the gathered sources [N, T, *]; an empty tensor for each
     # gradient not needed
-    backward_schema = ("(Tensor grad_scores, Tensor indices, Tensor classes, Tensor[] grad_gathered, int num_tokens, "
-                       "int num_classes, bool pairs, bool need_logits, bool[] need_gather) -> (Tensor, Tensor[])")
+    backward_schema = ("(Tensor grad_scores, Tensor indices, Tensor classes, Tensor[] grad_gathered, SymInt num_tokens, "
+                       "SymInt num_classes, bool pairs, bool need_logits, bool[] need_gather) -> (Tensor, Tensor[])")
 
     def fake_forward(self, logits, k, gather, pairs, backend):
         N = logits.shape[0]
