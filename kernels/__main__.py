@@ -87,8 +87,12 @@ def check() -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # the demo has its own options: python -m rtdetr_kernels demo --help
+        from .demo import main as demo_main
+        return demo_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m rtdetr_kernels")
-    parser.add_argument("command", choices=["info", "check"], nargs="?", default="info")
+    parser.add_argument("command", choices=["info", "check", "demo"], nargs="?", default="info")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
