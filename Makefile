@@ -9,14 +9,18 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-TEST_DEPS ?= numpy ninja pytest pytest-benchmark hypothesis scipy transformers==5.23.0 matplotlib
-# nvcc may be a wrapper script outside the toolkit, so torch's guess of CUDA_HOME is wrong; ask nvcc.
-CUDA_HOME ?= $(shell command -v nvcc >/dev/null 2>&1 && nvcc -v /dev/null 2>&1 | sed -n 's/^\#\$$ TOP=//p' | head -n 1 | xargs -r realpath)
+TRANSFORMERS_SPEC ?= transformers==5.23.0
+TEST_DEPS ?= numpy ninja pytest pytest-benchmark hypothesis scipy $(TRANSFORMERS_SPEC) matplotlib
+# The CUDA toolkit root, found once by setup.py's find_cuda_home() (nvcc may be a wrapper script
+# outside the toolkit, so torch's guess is wrong); empty without nvcc. Sets RTDETR_REQUIRE_CUDA_EXTENSION.
+ifeq ($(origin CUDA_HOME),undefined)
+CUDA_HOME := $(shell $(PYTHON) -c 'from setup import find_cuda_home; print(find_cuda_home() or "")')
+endif
 export CUDA_HOME
 BUILD_STAMP := $(VENV)/.rtdetr-kernels-built
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup demo test bench gpu gpu-dry-run clean
+.PHONY: deps setup demo test bench gpu gpu-dry-run clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +34,9 @@ $(VENV)/.deps: | $(PY)
 $(BUILD_STAMP): $(VENV)/.deps $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
+
+# The venv with torch and the test dependencies, nothing built (CI's second lane: another VENV and versions).
+deps: $(VENV)/.deps
 
 setup: $(BUILD_STAMP)
 
@@ -55,4 +62,4 @@ gpu-dry-run: $(VENV)/.deps
 	$(PY) bench/gpu_suite.py --dry-run $(GPU_SUITE_ARGS)
 
 clean:
-	rm -rf build *.egg-info kernels/_C*.so $(BUILD_STAMP)
+	rm -rf build *.egg-info kernels/_C*.so kernels/_build_info.json $(BUILD_STAMP)

@@ -22,6 +22,9 @@ TORCH_LIBRARY(rtdetr_kernels_C, m) {
 #ifndef RTDETR_CUDA_VERSION
 #define RTDETR_CUDA_VERSION ""
 #endif
+#ifndef RTDETR_TORCH_VERSION  // setup.py: the torch this module is built against (checked at load)
+#define RTDETR_TORCH_VERSION ""
+#endif
 
 namespace rtdetr_kernels {
 namespace msda {
@@ -41,6 +44,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 #endif
   PyModule_AddStringConstant(module, "CUDA_ARCHS", RTDETR_CUDA_ARCHS);
   PyModule_AddStringConstant(module, "CUDA_VERSION", RTDETR_CUDA_VERSION);
+  PyModule_AddStringConstant(module, "TORCH_VERSION", RTDETR_TORCH_VERSION);
   PyModule_AddStringConstant(module, "CPU_ISA", rtdetr_kernels::msda::cpu_isa());
   PyModule_AddStringConstant(module, "OPS", "ms_deform_attn_forward,ms_deform_attn_backward");
   return module;

@@ -151,10 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward(
   } else if (need_value) {
     grad_value.zero_();  // no query samples anything: the kernel (which zeroes per slice) did not run
   }
-  auto finish = [](const at::Tensor& grad, const at::Tensor& like, bool needed) {
-    return needed ? grad.to(like.scalar_type()) : like.new_empty({0});
-  };
-  return {finish(grad_value, value_in, need_value), finish(grad_loc, loc_in, need_loc), finish(grad_attn, attn_in, need_attn)};
+  return {finish_grad(grad_value, value_in, need_value), finish_grad(grad_loc, loc_in, need_loc),
+          finish_grad(grad_attn, attn_in, need_attn)};
 }
 
 }  // namespace

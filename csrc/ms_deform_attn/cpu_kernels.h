@@ -4,30 +4,13 @@
 // instruction set, once under `#pragma GCC target("avx2,fma")` and once for the baseline, and picks
 // one at run time; the sampling math comes from ms_deform_attn.h, shared with the CUDA kernels.
 //
-// Both kernels handle one sampling point with straight-line channel loops over its four corners:
-// a corner outside the level reads a row of zeros, and one with bilinear weight 0 is neither read by
-// the forward nor written by the backward (which sends it to a scratch row), so the channel loops
-// have no branches and vectorise. With D known at compile time (32 and 64, RT-DETR's head sizes)
-// they unroll completely.
-//
-// Work is split by (n, m) slices of value, [S, D] each (1 MB at 640 px). In value's [N, S, M, D]
-// layout a slice's rows lie M * D elements apart, a power-of-two stride that maps them onto a small
-// fraction of the cache sets. The kernels read value's slices in place (copying a slice to a
-// contiguous buffer first was measured slower), but accumulate grad_value in a contiguous per-task
-// buffer and write each slice out once (measured 1.1-1.45x faster for float32 forward+backward on
-// 2 threads, 2x for float16/bfloat16, which also skip a full-size float32 grad_value), with
-// non-temporal stores in the AVX2 build (backward 1.3-1.4x faster again). Software
-// prefetching of the next head's corners was slower, and so was handing out chunks of heads to the
-// threads dynamically instead of at::parallel_for's static split.
-//
-// Forward: parallel over (n, m, q) heads in that order. Backward: parallel over (n, m) slices, each
-// task owning its slice of grad_value and walking the queries in order, so the result is
-// deterministic for any thread count and needs no atomics. Per point it reads the four corners of
-// value and takes the dot products <grad_out, corner> from which the weight and location grads follow,
-// and scatters grad_out into the same four corners of the slice's grad_value buffer. (Two passes, one
-// for each, were faster while grad_value was accumulated in place, and equal or slower since it has its
-// own buffer; gathering grad_value row by row from the terms bucketed by row with a counting sort was
-// slower.)
+// Each point is handled with straight-line channel loops over its four corners: a corner outside the
+// level reads a row of zeros and one with bilinear weight 0 is skipped (the backward sends it to a
+// scratch row), so the loops have no branches and vectorise; D = 32 and 64 unroll completely.
+// Work is split by (n, m) slices of value. The forward runs over (n, m, q) heads; the backward over
+// slices, each task owning its slice of grad_value (accumulated in a contiguous buffer and written out
+// once), so it is deterministic for any thread count without atomics. The measurements behind these
+// choices (and the variants that were slower) are in docs/cpu-msda-kernels.md.
 
 // Rows of one (n, m) slice of a [N, S, M, D] tensor: row r is at base + r * M * D.
 template <typename T>
@@ -97,7 +80,7 @@ inline void store8(c10::BFloat16* p, __m256 x) {
 template <typename scalar_t, typename acc_t, int kD>
 constexpr bool kWidenInline = std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, float> && kD > 0 && kD % 8 == 0;
 // the backward's four dot products use dot_corners for float32 rows too (four independent vector
-// accumulators; measured 5-20% faster backward than the compiler's reduction, no change forward)
+// accumulators beat the compiler's reduction; docs/cpu-msda-kernels.md)
 template <typename scalar_t, typename acc_t, int kD>
 constexpr bool kDotIntrinsics = std::is_same_v<acc_t, float> && kD > 0 && kD % 8 == 0;
 
@@ -166,7 +149,7 @@ struct RowReader {
 // Moves a row of the slice's buffer (math type) into grad_value (value's dtype) and zeroes it for
 // the next slice. grad_value is written once and not read again here, so in the AVX2 build full
 // rows go out with non-temporal stores (no read-for-ownership of lines that are about to be
-// overwritten whole; measured faster); float16/bfloat16 are narrowed 8 channels at a time.
+// overwritten whole); float16/bfloat16 are narrowed 8 channels at a time.
 template <typename scalar_t, typename acc_t>
 inline void flush_row(acc_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t D) {
 #if defined(RTDETR_CPU_F16C)

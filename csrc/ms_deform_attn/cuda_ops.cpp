@@ -105,10 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     }
     if (need_value) grad_value = grad_value_acc.to(value.scalar_type());
   }
-  auto finish = [](const at::Tensor& grad, const at::Tensor& like, bool needed) {
-    return needed ? grad.to(like.scalar_type()) : like.new_empty({0});
-  };
-  return {finish(grad_value, value_in, need_value), finish(grad_loc, loc_in, need_loc), finish(grad_attn, attn_in, need_attn)};
+  return {finish_grad(grad_value, value_in, need_value), finish_grad(grad_loc, loc_in, need_loc),
+          finish_grad(grad_attn, attn_in, need_attn)};
 }
 
 }  // namespace

@@ -69,5 +69,11 @@ inline at::Tensor as_coord(const at::Tensor& t, at::ScalarType coord) {
   return t.scalar_type() == coord ? t.contiguous() : t.to(coord).contiguous();
 }
 
+// A backward result as the op returns it: the gradient in the dtype of the input it belongs to, or
+// an empty tensor when that gradient was not asked for.
+inline at::Tensor finish_grad(const at::Tensor& grad, const at::Tensor& like, bool needed) {
+  return needed ? grad.to(like.scalar_type()) : like.new_empty({0});
+}
+
 }  // namespace msda
 }  // namespace rtdetr_kernels
