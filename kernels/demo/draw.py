@@ -16,11 +16,26 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def for_display(detections: Dict[str, torch.Tensor], threshold: float, iou: float = 0.6) -> Dict[str, torch.Tensor]:
+    """The detections to draw: ``score >= threshold``, and of same-class boxes overlapping by IoU > ``iou`` only the
+    best.  A briefly trained DETR still has several queries on one object at middling scores; hiding them is for the
+    picture only (the mAP is computed on the raw top-k list, as COCO evaluation of DETRs does)."""
+    import torchvision
+
+    keep = detections["scores"] >= threshold
+    d = {k: v[keep] for k, v in detections.items()}
+    if len(d["scores"]):
+        order = torchvision.ops.batched_nms(d["boxes"].float(), d["scores"].float(), d["labels"], iou)
+        d = {k: v[order] for k, v in d.items()}
+    return d
+
+
 def draw(image: Image.Image, detections: Dict[str, torch.Tensor], names: Sequence[str], path: str,
          threshold: float = 0.3, scale: float = 1.0, truth: Optional[Dict[str, torch.Tensor]] = None,
          title: Optional[str] = None) -> int:
-    """Boxes (xyxy in ``image``'s pixels) with ``score >= threshold``, labelled ``name score``; ``truth`` boxes
+    """Boxes (xyxy in ``image``'s pixels) chosen by :func:`for_display`, labelled ``name score``; ``truth`` boxes
     (xyxy pixels) in thin white.  The picture is enlarged ``scale`` times (nearest) first.  Returns the number drawn."""
+    detections = for_display(detections, threshold)
     if scale != 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
     image = image.convert("RGB")

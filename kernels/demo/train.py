@@ -47,15 +47,16 @@ class Progress:
 
 
 def train(model: torch.nn.Module, steps: int, *, seed: int = 0, batch: int = 8, image_size: int = 64,
-          lr: float = 1e-3, warmup: int = 30, clip: float = 0.1, budget: Optional[float] = None,
-          calibrate: int = 12, device: str = "cpu", progress: bool = True, on_step: Optional[Callable] = None) -> Dict:
+          lr: float = 2e-3, warmup: int = 30, clip: float = 0.1, budget: Optional[float] = None,
+          calibrate: int = 12, hard_cap: bool = True, device: str = "cpu", progress: bool = True,
+          on_step: Optional[Callable] = None) -> Dict:
     """AdamW (official recipe: weight decay 1e-4, grad-norm clip 0.1), linear warm-up then cosine decay to 5% over
     the planned steps; every batch freshly generated from ``seed``.
 
     With ``budget`` (seconds), the first ``calibrate`` steps (inside the warm-up, whose schedule does not depend on
     the total) measure the speed and the plan becomes ``min(steps, what fits in budget)``: the schedule is then
     fixed and runs to its end, and a second run given that step count repeats it exactly.  A run that falls behind
-    (the machine got busier) still stops at 1.25 x budget, cutting the schedule.  Returns the per-step losses,
+    (the machine got busier) still stops at 1.15 x budget, cutting the schedule, unless ``hard_cap`` is False.  Returns the per-step losses,
     steps done and seconds."""
     torch.manual_seed(seed)
     model.to(device).train()
@@ -96,7 +97,7 @@ def train(model: torch.nn.Module, steps: int, *, seed: int = 0, batch: int = 8, 
         value = float(total.detach())
         history.append(value)
         ema = value if ema is None else 0.95 * ema + 0.05 * value
-        if bar:
+        if bar and (budget is None or step >= calibrate):
             bar.update(step, ema)
         if on_step:
             on_step(step, value)
@@ -106,7 +107,7 @@ def train(model: torch.nn.Module, steps: int, *, seed: int = 0, batch: int = 8, 
             plan["steps"] = max(min(steps, warmup + 1), min(steps, calibrate + int(remaining / per_step)))
             if bar:
                 bar.total = plan["steps"]
-        if budget is not None and time.perf_counter() - t0 > 1.25 * budget:
+        if budget is not None and hard_cap and time.perf_counter() - t0 > 1.15 * budget:
             break
     seconds = time.perf_counter() - t0
     if bar:
