@@ -83,7 +83,7 @@ def extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
 
-    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/cpu.cpp"))
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/schema.cpp") + glob.glob("csrc/*/cpu.cpp"))
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros = [("TORCH_EXTENSION_NAME", "_C"), ("RTDETR_TORCH_VERSION", f'"{torch.__version__}"')]
     extra_link = ["-fopenmp"]

@@ -1,20 +1,11 @@
-// Schemas of the compiled ops and the Python module init of rtdetr_kernels._C.
+// The Python module init of rtdetr_kernels._C (what was built, for `python -m rtdetr_kernels info`).
 //
-// The kernels are registered per dispatch key next to their code (cpu.cpp: CPU, cuda_ops.cpp: CUDA).
+// Each op's schemas are in its folder (csrc/<op>/schema.cpp, a TORCH_LIBRARY_FRAGMENT of
+// rtdetr_kernels_C), its kernels are registered per dispatch key next to their code (cpu.cpp: CPU,
+// cuda_ops.cpp: CUDA), so adding an op touches no shared file.
 // Autograd, fake tensors and backend choice live in Python (kernels/<op>/op.py), which calls these
 // ops; the module has no pybind11, importing it just runs the static registrations.
 #include <Python.h>
-#include <torch/library.h>
-
-TORCH_LIBRARY(rtdetr_kernels_C, m) {
-  m.def(
-      "ms_deform_attn_forward(Tensor value, Tensor sampling_locations, Tensor attention_weights, "
-      "int[] spatial_shapes, int[] points_per_level, int method) -> Tensor");
-  m.def(
-      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor sampling_locations, "
-      "Tensor attention_weights, int[] spatial_shapes, int[] points_per_level, int method, "
-      "bool need_value, bool need_locations, bool need_weights, bool deterministic) -> (Tensor, Tensor, Tensor)");
-}
 
 #ifndef RTDETR_CUDA_ARCHS
 #define RTDETR_CUDA_ARCHS ""
@@ -46,6 +37,5 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(module, "CUDA_VERSION", RTDETR_CUDA_VERSION);
   PyModule_AddStringConstant(module, "TORCH_VERSION", RTDETR_TORCH_VERSION);
   PyModule_AddStringConstant(module, "CPU_ISA", rtdetr_kernels::msda::cpu_isa());
-  PyModule_AddStringConstant(module, "OPS", "ms_deform_attn_forward,ms_deform_attn_backward");
   return module;
 }
