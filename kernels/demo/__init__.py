@@ -161,7 +161,7 @@ def run(args) -> Dict:
         for t in tiles:
             os.remove(t)
         report["files"].update(detections=path, detections_grid=grid)
-        _say(f"drew {n} detections (score >= {args.threshold}, same-class overlaps above IoU 0.6 shown once) on "
+        _say(f"drew {n} detections (score >= {args.threshold}, same-class overlaps above IoU 0.45 shown once) on "
              f"held-out scene 0 -> {path} "
              f"(ground truth in thin white); 8 scenes -> {grid}")
         par_images = images[:16].to(device)

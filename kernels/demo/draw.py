@@ -16,7 +16,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def for_display(detections: Dict[str, torch.Tensor], threshold: float, iou: float = 0.6) -> Dict[str, torch.Tensor]:
+def for_display(detections: Dict[str, torch.Tensor], threshold: float, iou: float = 0.45) -> Dict[str, torch.Tensor]:
     """The detections to draw: ``score >= threshold``, and of same-class boxes overlapping by IoU > ``iou`` only the
     best.  A briefly trained DETR still has several queries on one object at middling scores; hiding them is for the
     picture only (the mAP is computed on the raw top-k list, as COCO evaluation of DETRs does)."""

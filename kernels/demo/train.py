@@ -54,8 +54,8 @@ def train(model: torch.nn.Module, steps: int, *, seed: int = 0, batch: int = 8, 
     the planned steps; every batch freshly generated from ``seed``.
 
     With ``budget`` (seconds), the first ``calibrate`` steps (inside the warm-up, whose schedule does not depend on
-    the total) measure the speed and the plan becomes ``min(steps, what fits in budget)``: the schedule is then
-    fixed and runs to its end, and a second run given that step count repeats it exactly.  A run that falls behind
+    the total) measure the speed and the plan becomes ``min(steps, what fits in budget)``, measured again over the
+    rest of the warm-up; the schedule is then fixed and runs to its end, and a second run given that step count repeats it exactly.  A run that falls behind
     (the machine got busier) still stops at 1.15 x budget, cutting the schedule, unless ``hard_cap`` is False.  Returns the per-step losses,
     steps done and seconds."""
     torch.manual_seed(seed)
@@ -101,10 +101,16 @@ def train(model: torch.nn.Module, steps: int, *, seed: int = 0, batch: int = 8, 
             bar.update(step, ema)
         if on_step:
             on_step(step, value)
-        if budget is not None and step == calibrate and calibrate < warmup:
-            per_step = (time.perf_counter() - t_cal) / (calibrate - 2)
+        if budget is not None and step in (calibrate, warmup) and calibrate < warmup:
+            # plan at `calibrate`, and again at the end of the warm-up from the steps since (the machine's load
+            # changes): the cosine part of the schedule starts there, so it is still a whole schedule
+            if step == calibrate:
+                per_step = (time.perf_counter() - t_cal) / (calibrate - 2)
+                t_cal = time.perf_counter()
+            else:
+                per_step = (time.perf_counter() - t_cal) / (warmup - calibrate)
             remaining = budget - (time.perf_counter() - t0)
-            plan["steps"] = max(min(steps, warmup + 1), min(steps, calibrate + int(remaining / per_step)))
+            plan["steps"] = max(min(steps, warmup + 1), min(steps, step + int(0.95 * remaining / per_step)))
             if bar:
                 bar.total = plan["steps"]
         if budget is not None and hard_cap and time.perf_counter() - t0 > 1.15 * budget:
