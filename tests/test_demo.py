@@ -111,3 +111,49 @@ def test_demo_checkpoint(tmp_path):
             demo.main(["--checkpoint", str(tmp_path / "broken.pth"), "--no-timings", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
+
+
+def _noisy_detections(seed=3, images=60, size=64):
+    """Ground-truth boxes jittered by ~4 px, 3 per object plus 4 spurious, 20% with a wrong class, random scores."""
+    from rtdetr_kernels.demo import evaluate
+    from rtdetr_kernels.demo.scenes import CLASSES, make_scenes
+
+    g = torch.Generator().manual_seed(seed)
+    _, targets = make_scenes(g, images, size)
+    dets = []
+    for t in targets:
+        gt = evaluate._xyxy_px(t["boxes"], size).float()
+        k = 3 * len(gt) + 4
+        idx = torch.randint(0, len(gt), (k,), generator=g)
+        b = gt[idx] + 4 * torch.randn(k, 4, generator=g)
+        b = torch.cat([torch.min(b[:, :2], b[:, 2:]), torch.max(b[:, :2], b[:, 2:])], 1)
+        wrong = torch.rand(k, generator=g) < 0.2
+        labels = torch.where(wrong, torch.randint(0, len(CLASSES), (k,), generator=g), t["labels"][idx])
+        dets.append({"boxes": b, "labels": labels, "scores": torch.rand(k, generator=g)})
+    return dets, targets
+
+
+def test_builtin_map_matches_pycocotools():
+    """The fallback evaluator (used where pycocotools is not installed) gives COCOeval's AP figures."""
+    from rtdetr_kernels.demo import evaluate
+
+    for seed in (3, 4):
+        dets, targets = _noisy_detections(seed)
+        ref, ours = evaluate.coco_map(dets, targets, 64), evaluate.builtin_map(dets, targets, 64)
+        assert ref["evaluator"] == "pycocotools"
+        assert 0.05 < ref["mAP"] < 0.9, ref  # a non-trivial case
+        for key in ("mAP", "mAP50", "mAP75"):
+            # equal to 1e-9 for seed 3; 7.5e-6 apart for seed 4 (an IoU within rounding of a threshold, computed
+            # in another order than pycocotools' C code), so not bitwise: 1e-4 is far below any real difference
+            assert abs(ref[key] - ours[key]) < 1e-4, (key, ref[key], ours[key])
+    perfect = [{"boxes": evaluate._xyxy_px(t["boxes"], 64).float(), "labels": t["labels"],
+                "scores": torch.linspace(1, 0.5, len(t["labels"]))} for t in targets]
+    assert evaluate.builtin_map(perfect, targets, 64)["mAP"] == pytest.approx(1.0)
+
+
+def test_cli_dispatches_demo(capsys):
+    from rtdetr_kernels.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0 and "--checkpoint" in capsys.readouterr().out

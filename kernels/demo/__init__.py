@@ -142,9 +142,9 @@ def run(args) -> Dict:
         stats = evaluate.coco_map(dets, targets, args.image_size)
         report["evaluation"] = {"held_out_images": args.eval_images, "seed": evaluate.EVAL_SEED,
                                 "seconds": time.perf_counter() - t0, "coco": stats}
-        _say(f"held-out COCO eval on {args.eval_images} generated scenes (pycocotools): "
-             f"mAP@0.5 {stats['mAP50']:.3f}, mAP@[.5:.95] {stats['mAP']:.3f}, mAP@0.75 {stats['mAP75']:.3f}, "
-             f"AR@100 {stats['AR100']:.3f}")
+        _say(f"held-out COCO eval on {args.eval_images} generated scenes ({stats['evaluator']}): "
+             f"mAP@0.5 {stats['mAP50']:.3f}, mAP@[.5:.95] {stats['mAP']:.3f}, mAP@0.75 {stats['mAP75']:.3f}"
+             + (f", AR@100 {stats['AR100']:.3f}" if "AR100" in stats else ""))
         patch.revert()
         # ---- draw
         scale = max(1, 512 // args.image_size)
