@@ -109,6 +109,13 @@ def test_demo_checkpoint(tmp_path):
         torch.save(sd, tmp_path / "broken.pth")
         with pytest.raises(RuntimeError, match="missing keys"):
             demo.main(["--checkpoint", str(tmp_path / "broken.pth"), "--no-timings", "--out", str(tmp_path)])
+        safetensors = pytest.importorskip("safetensors.torch")
+        hf = {k: v.contiguous() for k, v in rtdetr.convert.to_transformers(model.state_dict()).items()}
+        safetensors.save_file(hf, str(tmp_path / "hf.safetensors"))
+        assert demo.main(["--checkpoint", str(tmp_path / "hf.safetensors"), "--no-timings", "--quiet",
+                          "--out", str(tmp_path)]) == 0
+        report = json.loads((tmp_path / "demo.json").read_text())
+        assert report["config"]["name"] == "rtdetr_r18vd" and report["config"]["checkpoint_format"] == "transformers"
     finally:
         torch.set_num_threads(threads)
 

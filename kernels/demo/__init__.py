@@ -301,28 +301,40 @@ def _read_state_dict(path: str, torch):
 def _load_checkpoint(args, torch, rtdetr, models, report):
     """Build the config the checkpoint fits (``--config`` if it is an rtdetr name, else every rtdetr config tried on
     the meta device) and load it strictly; transformers checkpoints (keys ``model.*``) are converted first."""
-    obj = _read_state_dict(args.checkpoint, torch)
-    sd = rtdetr.extract_state_dict(obj)
-    source = "official"
-    if any(k.startswith("model.") for k in sd):
-        source = "transformers"
-        version = "v2" if any("num_points_scale" in k or "v2" in k for k in sd) else "v1"
-        sd = rtdetr.convert.from_transformers(sd, version=version)
-    score = next((k for k in sd if k.startswith("decoder.dec_score_head.") and k.endswith(".weight")), None)
-    num_classes = int(sd[score].shape[0]) if score else 80
+    raw = rtdetr.extract_state_dict(_read_state_dict(args.checkpoint, torch))
+    source = "transformers" if any(k.startswith("model.") for k in raw) else "official"
+    converted = {}
+
+    def state_dict_for(version):  # transformers names map to official ones per decoder version
+        if source == "official":
+            return raw
+        if version not in converted:
+            converted[version] = rtdetr.convert.from_transformers(raw, version=version)
+        return converted[version]
+
     candidates = [args.config] if args.config in rtdetr.CONFIGS else sorted(rtdetr.CONFIGS)
-    want = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    chosen = None
+    chosen, sd = None, None
     for name in candidates:
+        sd = state_dict_for(rtdetr.CONFIGS[name]["version"])
+        score = next((k for k in sd if k.startswith("decoder.dec_score_head.") and k.endswith(".weight")), None)
+        num_classes = int(sd[score].shape[0]) if score else 80
+        want = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
         with torch.device("meta"):
             m = rtdetr.build_model(name, num_classes=num_classes)
-        have = {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")}
+        # v2 buffers (num_points_scale) are derived, not in transformers files: load_checkpoint judges those
+        have = {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")
+                and (source == "official" or not k.endswith("num_points_scale"))}
         if have == want:
             chosen = name
             break
     if chosen is None:
         chosen = candidates[0]  # load_checkpoint's strict error then says what does not match
+        sd = state_dict_for(rtdetr.CONFIGS[chosen]["version"])
+        score = next((k for k in sd if k.startswith("decoder.dec_score_head.") and k.endswith(".weight")), None)
+        num_classes = int(sd[score].shape[0]) if score else 80
     model = rtdetr.build_model(chosen, num_classes=num_classes)
+    if source == "transformers":  # v2's num_points_scale is derived from the config, not stored by transformers
+        sd = {**{k: v for k, v in model.state_dict().items() if k.endswith("num_points_scale")}, **sd}
     rtdetr.load_checkpoint(model, sd, strict=True)
     model.eval()
     names = list(COCO_NAMES) if num_classes == 80 else [str(i) for i in range(num_classes)]
