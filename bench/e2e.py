@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -22,29 +21,16 @@ import torch
 
 import rtdetr
 import rtdetr_kernels
+from rtdetr_kernels.demo.compare import timeit
 from rtdetr_kernels.integrations.rtdetr import apply_to_rtdetr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def alternate(fns, device, rounds, warmup=1):
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}, times
+def alternate(fns, device, rounds):
+    """Medians and every time of each fn, called in turn (A, B, A, B, ...) for ``rounds`` rounds after a warm-up."""
+    times = timeit(fns, device, budget=0.0, min_rounds=rounds, max_rounds=rounds)
+    return {k: v["median_s"] for k, v in times.items()}, {k: v["all_s"] for k, v in times.items()}
 
 
 def bench_config(name, batches, size, device, rounds, train_batches):

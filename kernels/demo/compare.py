@@ -39,7 +39,8 @@ def timeit(fns: Dict[str, Callable[[], object]], device, budget: float = 1.0, mi
             _sync(device)
             times[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "rounds": len(ts)} for name, ts in times.items()}
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "rounds": len(ts), "all_s": ts}
+            for name, ts in times.items()}
 
 
 def chosen_backends(device) -> Dict[str, str]:
