@@ -97,6 +97,29 @@ def _fmt(r):
             f"  patched {r['patched_ms']:9.1f} ms  {r['speedup']:.3f}x  ({r['rounds']} rounds)")
 
 
+def write_chart(result: dict, path: str) -> str:
+    """A bar chart of the measured speedups (reference time / patched time), the device and date in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['config']}\n{r['what'].split(' (')[0]}\nbatch {r['batch']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 3.6))
+    bars = ax.bar(range(len(rows)), [r["speedup"] for r in rows], color="#3b7dd8")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.bar_label(bars, fmt="%.2fx", fontsize=8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("speedup (reference / patched)")
+    ax.set_title(f"RT-DETR end to end, MSDA patched ({result['ms_deform_attn_backend']})\n"
+                 f"{result['device']}, {result['date_utc'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=["rtdetr_r18vd"])
@@ -108,7 +131,12 @@ def main(argv=None):
                    help="batches (of --batches) at which a training step is timed too (default: 1)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON path (default bench/results/e2e-<device type>.json)")
+    p.add_argument("--chart-only", metavar="JSON", help="only draw the chart (<JSON without .json>.png) of a results file")
     args = p.parse_args(argv)
+    if args.chart_only:
+        with open(args.chart_only) as f:
+            print("wrote", write_chart(json.load(f), os.path.splitext(args.chart_only)[0] + ".png"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -126,7 +154,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    print(f"wrote {out} and {write_chart(result, os.path.splitext(out)[0] + '.png')}")
 
 
 if __name__ == "__main__":
