@@ -16,12 +16,14 @@ pytest.importorskip("PIL")
 
 from rtdetr_kernels import demo  # noqa: E402
 
-STEPS = 60
-# mAP@0.5 on the 100 held-out scenes after 60 steps (the schedule is fixed by --steps, so the run does not depend on
-# the machine's speed), measured here with torch 2.14.1 on CPU: seed 0 0.277, seed 1 0.239, seed 2 0.440 (120 steps:
-# 0.604 / 0.511 / 0.516; an untrained model scores 0.000).  The test runs seed 0; the floor is half the worst seed,
-# so it passes on other CPUs' float rounding but fails when training stops finding the shapes.
-MAP50_FLOOR = 0.12
+STEPS = 100
+# mAP@0.5 on the 100 held-out scenes after STEPS steps (the schedule is fixed by --steps, so the run does not depend
+# on the machine's speed), measured here on CPU. 60 steps were too few to be robust: torch 2.14.1 gave seeds 0/1/2
+# 0.277 / 0.239 / 0.440, but torch 2.11.0 gave seed 0 0.113. 100 steps: torch 2.11.0 seeds 0/1/2 0.458 / 0.625 /
+# 0.583, torch 2.14.1 seed 0 0.584 (an untrained model scores 0.000). The test runs seed 0; the floor is under half
+# the worst seed, so it passes across torch versions and CPUs' float rounding but fails when training stops finding
+# the shapes.
+MAP50_FLOOR = 0.2
 
 
 @pytest.fixture(scope="module")
