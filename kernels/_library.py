@@ -12,7 +12,7 @@ run that backend's forward or backward kernel from the registry.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 

@@ -13,7 +13,7 @@ the dtypes it is given under autocast (the Autocast keys fall through).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
