@@ -10,7 +10,9 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TRANSFORMERS_SPEC ?= transformers==5.23.0
-TEST_DEPS ?= numpy ninja pytest pytest-benchmark hypothesis scipy $(TRANSFORMERS_SPEC) matplotlib pycocotools==2.0.11
+# The codebases we patch and the runtimes we export to, pinned (integration and export tests).
+INTEGRATION_DEPS ?= ultralytics==8.4.190 rfdetr==1.11.2 kernels==0.17.2 onnx==1.23.2 onnxruntime==1.31.1 onnxscript==0.7.2 openvino==2026.4.1
+TEST_DEPS ?= numpy ninja pytest pytest-benchmark hypothesis scipy $(TRANSFORMERS_SPEC) matplotlib pycocotools==2.0.11 $(INTEGRATION_DEPS)
 # The CUDA toolkit root, found once by setup.py's find_cuda_home() (nvcc may be a wrapper script
 # outside the toolkit, so torch's guess is wrong); empty without nvcc. Sets RTDETR_REQUIRE_CUDA_EXTENSION.
 ifeq ($(origin CUDA_HOME),undefined)
