@@ -4,6 +4,7 @@ Public API:
     ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights, ...)
     aifi_attention(x, pos, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, ...)
     topk_select(logits, k, gather=(...), ...)
+    patch(model, msda=True, attention=True, topk=True, backend=None) -> handle with revert() and report()
     use_backend(name), explain(op, *args, **kwargs), BackendUnavailableError
 """
 
@@ -24,10 +25,11 @@ else:
     from .attention import aifi_attention
     from .ms_deform_attn import ms_deform_attn
     from .topk import topk_select
+    from .integrations.patch import patch
 
     __version__ = "0.1.0"
 
-    __all__ = ["ms_deform_attn", "aifi_attention", "topk_select", "use_backend", "BackendUnavailableError", "explain", "backends", "__version__"]
+    __all__ = ["ms_deform_attn", "aifi_attention", "topk_select", "patch", "use_backend", "BackendUnavailableError", "explain", "backends", "__version__"]
 
     def explain(op: str, *args, **kwargs) -> str:
         """Which backend would serve ``op(*args, **kwargs)`` and why the others would not."""
