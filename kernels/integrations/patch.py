@@ -68,6 +68,10 @@ class Family:
     name: str  # e.g. "transformers"
     covers: str  # the classes it patches, for the error message and docs
     apply: Callable[[nn.Module, frozenset, Optional[str]], List[Replacement]]
+    # optional: maps a codebase's wrapper object (e.g. ``ultralytics.RTDETR``, whose ``.model`` is the
+    # network) to the nn.Module to patch, or returns None. ``patch`` then works on (and records its
+    # handle on) that module, so patching the wrapper and its module are the same call.
+    unwrap: Optional[Callable[[object], Optional[nn.Module]]] = None
 
 
 _FAMILIES: List[Family] = []
@@ -172,6 +176,7 @@ def patch(model: nn.Module, msda: bool = True, attention: bool = True, topk: boo
     call stay). A model in which no family finds anything to patch raises ValueError naming the
     families supported.
     """
+    model = _unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     existing = getattr(model, _HANDLE_ATTR, None)
@@ -201,6 +206,15 @@ def patch(model: nn.Module, msda: bool = True, attention: bool = True, topk: boo
     # a plain attribute (not a submodule, parameter or buffer): invisible to state_dict and .to()
     object.__setattr__(model, _HANDLE_ATTR, handle)
     return handle
+
+
+def _unwrap(model):
+    for family in families():
+        if family.unwrap is not None:
+            inner = family.unwrap(model)
+            if inner is not None:
+                return inner
+    return model
 
 
 # --------------------------------------------------------------------------------------------
