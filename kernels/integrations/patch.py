@@ -157,6 +157,12 @@ class PatchHandle:
         if getattr(self._model, _HANDLE_ATTR, None) is self:
             object.__delattr__(self._model, _HANDLE_ATTR)
 
+    def __reduce__(self):
+        # A copied or unpickled model is not the one this handle patched (its undo closures point at the
+        # original's modules), so the copy carries no handle: copy.deepcopy(model) and torch.save(model)
+        # store None in its place (a checkpoint then loads without rtdetr_kernels); patch the copy again.
+        return (type(None), ())
+
     def __enter__(self) -> "PatchHandle":
         return self
 
