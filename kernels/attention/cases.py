@@ -77,4 +77,7 @@ def sanitizer_cases(backend: str, quick: bool = False) -> List[Case]:
     cases += [_case(backend, 1, 37, 64, 2, "fp32"), _case(backend, 0, 16, 64, 2, "fp32"),
               _case(backend, 2, 1, 64, 2, "bf16", with_pos=False), _case(backend, 2, 77, 128, 4, "fp16", mask="bool"),
               _case(backend, 1, 300, 256, 8, "fp32", mask="float")]
+    # every head-dim path of the cuda kernels: tensor cores at 16 and 64, the generic path at 24, odd lengths
+    cases += [_case(backend, 1, 33, 64, 4, "bf16", mask="bool"), _case(backend, 2, 65, 128, 2, "fp16", mask="float"),
+              _case(backend, 2, 45, 96, 4, "fp16", mask="bool"), _case(backend, 1, 19, 96, 4, "fp32")]
     return cases

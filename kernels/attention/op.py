@@ -160,6 +160,23 @@ def _cpu_kernels():
 backends.register(backends.Implementation(OP, "cpu", _cpu_kernels, compiled=False))
 
 
+def _cuda_kernels():
+    from . import cuda
+
+    return cuda.forward, cuda.backward
+
+
+def _why_not_cuda(call: backends.Call) -> Optional[str]:
+    from . import cuda
+
+    return cuda.why_not(call)
+
+
+# Host functions (kernels/attention/cuda.py) around the compiled core in _C (csrc/attention/): the
+# build-level reasons (not built with CUDA, not a CUDA tensor) come from backends.build_why_not.
+backends.register(backends.Implementation(OP, "cuda", _cuda_kernels, _why_not_cuda))
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
