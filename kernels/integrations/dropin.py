@@ -43,7 +43,11 @@ def ms_deform_attn_function(value, value_spatial_shapes, level_start_index, samp
 
 
 class MultiScaleDeformableAttention(nn.Module):
-    """The transformers hub-kernel layer signature; stateless."""
+    """The transformers hub-kernel layer signature; stateless. It is also the layer the ``kernels`` package
+    swaps in (``integrations.transformers.kernels_mapping``): it has a backward and compiles."""
+
+    can_torch_compile = True
+    has_backward = True
 
     def forward(self, value: torch.Tensor, value_spatial_shapes: torch.Tensor, value_spatial_shapes_list,
                 level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
