@@ -47,8 +47,11 @@ def get_contrastive_denoising_training_group(targets: List[Dict[str, torch.Tenso
     neg = torch.zeros([bs, 2 * max_gt, 1], dtype=box_dtype, device=device)
     neg[:, max_gt:] = 1
     neg = neg.tile([1, num_group, 1])
-    pos = (1 - neg).squeeze(-1) * pad
-    dn_positive_idx = torch.nonzero(pos)[:, 1].split([n * num_group for n in num_gts])
+    # the positive queries of image i sit at g * 2 * max_gt + j (group g, j < its n_i targets): the
+    # official ``torch.nonzero(positive mask)[:, 1].split(...)``, in the same order, from the counts
+    # alone (no data-dependent shape, so no host sync and no graph break under torch.compile)
+    group_start = torch.arange(num_group, device=device).unsqueeze(1) * (2 * max_gt)
+    dn_positive_idx = tuple((group_start + torch.arange(n, device=device)).flatten() for n in num_gts)
     n_dn = int(max_gt * 2 * num_group)
 
     if label_noise_ratio > 0:
