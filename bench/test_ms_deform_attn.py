@@ -1,7 +1,8 @@
 """Microbenchmarks of ms_deform_attn (pytest-benchmark): our backends against the anchors.
 
 Shapes: the RT-DETR decoder at 640 px (S=8400) and 800 px (S=13125), Lq 300/500, N 1/8/32, M=8,
-D=32, L=3, P=4, plus one Deformable-DETR encoder shape (Lq = S = 5440, L=4). Modes: forward,
+D=32, L=3, P=4, plus one Deformable-DETR encoder shape (Lq = S = 5440, L=4) and RF-DETR Nano's decoder
+(S=576 on one level, M=16, D=16, P=2; Lq 300 in eval, 3900 with training's 13 query groups). Modes: forward,
 backward (grads of all three inputs from a retained graph), forward+backward. Providers: our
 backends usable on the device (cpu on CPU; cuda and triton, each also in deterministic mode, on
 GPU), RT-DETR's grid_sample core eager and under torch.compile, and the PyPI package
@@ -42,6 +43,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DECODER_640 = ((80, 80), (40, 40), (20, 20))
 DECODER_800 = ((100, 100), (50, 50), (25, 25))
 ENCODER = ((64, 64), (32, 32), (16, 16), (8, 8))
+RFDETR = ((24, 24),)  # RF-DETR Nano at 384 px (patch 16): one level, 16 heads of 16 channels, 2 points
+HEADS = {RFDETR: (16, 16, 2)}  # (M, D, P) where not RT-DETR's (8, 32, 4)
 
 
 def _cases():
@@ -56,6 +59,11 @@ def _cases():
                 cases.append((name, shapes, n, lq))
     if not quick():
         cases.append(("encoder", ENCODER, 1, sum(h * w for h, w in ENCODER)))
+    for lq in (300, 3900):  # rfdetr's eval queries; training's 13 query groups of 300
+        for n in (1, 8):
+            if (quick() and (lq, n) != (300, 1)) or (DEVICE == "cpu" and n != 1):
+                continue
+            cases.append(("rfdetr", RFDETR, n, lq))
     return cases
 
 
@@ -92,7 +100,7 @@ PROVIDERS = _ours() + ["reference-grid-sample", "reference-grid-sample-compiled"
 def _inputs(shapes, n, lq, dtype):
     gen = torch.Generator().manual_seed(n * 1000 + lq)
     S = sum(h * w for h, w in shapes)
-    L, M, D, P = len(shapes), 8, 32, 4
+    L, (M, D, P) = len(shapes), HEADS.get(shapes, (8, 32, 4))
     value = torch.randn(n, S, M, D, generator=gen)
     loc = torch.rand(n, lq, M, L, P, 2, generator=gen) * 1.1 - 0.05
     weights = torch.randn(n, lq, M, L * P, generator=gen).softmax(-1).view(n, lq, M, L, P)
@@ -220,8 +228,9 @@ def _runner(fn, inputs, mode):
 
 def _shape_info(case):
     name, shapes, n, lq = case
-    return {"case": name, "N": n, "Lq": lq, "S": sum(h * w for h, w in shapes), "M": 8, "D": 32, "L": len(shapes),
-            "P": 4}
+    M, D, P = HEADS.get(shapes, (8, 32, 4))
+    return {"case": name, "N": n, "Lq": lq, "S": sum(h * w for h, w in shapes), "M": M, "D": D, "L": len(shapes),
+            "P": P}
 
 
 PARAMS = [pytest.mark.parametrize("mode", MODES),

@@ -40,82 +40,16 @@ original method, so a checkpoint never needs rtdetr_kernels to load. A model tha
 
 from __future__ import annotations
 
-import copy
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bound import BoundPatch, backend_kw as _kw, swap
 from .patch import Family, Replacement, named_instances, register_family
 
 _PREFIX = "ultralytics."
-_MARK = "_rtdetr_kernels_patched"
-
-
-class BoundPatch:
-    """A patched method of one module instance: ``fn(module, original, backend, *args, **kwargs)``.
-
-    ``original`` is the method that was there (the class's function unless the instance held its own),
-    called for what the op cannot serve. Deep copies rebind to the copied module (the memo maps it);
-    pickling reduces to ``getattr(module, attr)`` on load, i.e. the class's method, so the patch is not
-    saved with the model."""
-
-    __slots__ = ("fn", "module", "attr", "own", "backend", _MARK)
-
-    def __init__(self, fn: Callable, module: nn.Module, attr: str, own, backend: Optional[str]):
-        self.fn = fn
-        self.module = module
-        self.attr = attr
-        self.own = own  # the instance's own attribute that was replaced, or None (the class's method)
-        self.backend = backend
-        setattr(self, _MARK, True)
-
-    def original(self, *args, **kwargs):
-        if self.own is not None:
-            return self.own(*args, **kwargs)
-        return getattr(type(self.module), self.attr)(self.module, *args, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(self.module, self, *args, **kwargs)
-
-    def __deepcopy__(self, memo):
-        module = copy.deepcopy(self.module, memo)
-        own = copy.deepcopy(self.own, memo) if self.own is not None else None
-        return BoundPatch(self.fn, module, self.attr, own, self.backend)
-
-    def __reduce__(self):
-        return (getattr, (self.module, self.attr)) if self.own is None else (_identity, (self.own,))
-
-
-def _identity(x):
-    return x
-
-
-def swap(kind: str, where: str, module: nn.Module, attr: str, fn: Callable, backend: Optional[str],
-         how: str, detail: str = "") -> Replacement:
-    """Rebind ``module.attr`` to ``BoundPatch(fn, ...)`` on the instance; the Replacement's undo puts back
-    what was there before any patch. A BoundPatch already there (a deep copy of a patched model, whose
-    handle does not travel with it) is replaced, not wrapped, so patching never stacks."""
-    had = attr in module.__dict__
-    own = module.__dict__.get(attr)
-    if getattr(own, _MARK, False):
-        own = own.own
-        had = own is not None
-
-    def undo():
-        if had:
-            object.__setattr__(module, attr, own)
-        elif attr in module.__dict__:
-            object.__delattr__(module, attr)
-
-    object.__setattr__(module, attr, BoundPatch(fn, module, attr, own, backend))
-    return Replacement(kind, where, type(module).__name__, how, undo, detail)
-
-
-def _kw(backend: Optional[str]) -> dict:
-    return {} if backend is None else {"backend": backend}
-
 
 # --------------------------------------------------------------------------------------------
 # msda: MSDeformAttn.forward
