@@ -158,14 +158,23 @@ def _check_parity(N, L, D, H, dtype, mask_kind, seed=0, torch_impl=_torch_mha):
     got = _ours(low, H, mask, grad)
     theirs = torch_impl(low, H, mask, grad)
     assert got[0].dtype == dtype and got[0].shape == (N, L, E)
+    _compare(got, theirs, reference)
+    return got
+
+
+def _compare(got, theirs, reference):
+    """|ours - ref64| <= 2 |torch - ref64| + TINY * scale per tensor. pos's scale is also x's: both are
+    gradients of the same tokens, and pos's is exactly 0 at L = 1 (softmax over one key is constant),
+    where both implementations leave only rounding noise."""
+    scales = {name: r.abs().max().item() for name, r in zip(NAMES, reference)}
+    scales["pos"] = max(scales["pos"], scales["x"])
     for name, g, t, r in zip(NAMES, got, theirs, reference):
-        assert g.dtype == dtype and g.shape == r.shape, name
+        assert g.dtype == t.dtype and g.shape == r.shape, name
         assert torch.isfinite(g).all(), f"{name}: non-finite values"
         err = (g.double() - r).abs().max().item()
         torch_err = (t.double() - r).abs().max().item()
-        scale = r.abs().max().item()
-        assert err <= 2 * torch_err + TINY * scale, f"{name}: error {err:.3g} vs torch's {torch_err:.3g} (scale {scale:.3g})"
-    return got
+        assert err <= 2 * torch_err + TINY * scales[name], \
+            f"{name}: error {err:.3g} vs torch's {torch_err:.3g} (scale {scales[name]:.3g})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,12 +228,7 @@ def test_fully_blocked_rows_attend_to_nothing(kind, D, dtype):
     out_b = low[5]
     for r in rows:
         assert torch.equal(got[0][:, r], out_b.expand(N, E)), f"row {r}: expected out_proj_bias exactly"
-    for name, g, t, ref in zip(NAMES, got, theirs, reference):
-        assert torch.isfinite(g).all(), f"{name}: non-finite values"
-        err = (g.double() - ref).abs().max().item()
-        torch_err = (t.double() - ref).abs().max().item()
-        scale = ref.abs().max().item()
-        assert err <= 2 * torch_err + TINY * scale, f"{name}: error {err:.3g} vs torch's {torch_err:.3g}"
+    _compare(got, theirs, reference)
 
 
 def test_every_row_blocked():
@@ -300,15 +304,6 @@ def test_core_checks_its_arguments():
     with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
         d = q.double()
         _core().aifi_attention_core_forward(d, d, d, None, 0.25)
-
-
-def test_why_not_names_the_reason():
-    call = backends.Call("aifi_attention", "cuda", (torch.float64,) * 6, (("num_heads", 2), ("head_dim", 4), ("mask", "none")))
-    assert "float64" in backends.why_not("cuda", call)
-    call = backends.Call("aifi_attention", "cuda", (torch.float16,) * 6, (("num_heads", 1), ("head_dim", 512), ("mask", "none")))
-    assert "256" in backends.why_not("cuda", call)
-    call = backends.Call("aifi_attention", "cpu", (torch.float32,) * 6, (("num_heads", 8), ("head_dim", 32), ("mask", "none")))
-    assert "CUDA tensors" in backends.why_not("cuda", call)
 
 
 # --------------------------------------------------------------------------------------------
