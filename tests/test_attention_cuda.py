@@ -182,9 +182,12 @@ def _compare(got, theirs, reference):
 # --------------------------------------------------------------------------------------------
 
 
+# every length at RT-DETR's head dim (32) and the generic path's (24); the tile edges at 16 and 64
+SIZES = [(D, L) for D in (32, 24) for L in LENGTHS] + [(D, L) for D in (16, 64) for L in (1, 97, 401, 1000)]
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("L", LENGTHS)
-@pytest.mark.parametrize("D", [16, 32, 64, 24], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("D,L", SIZES, ids=[f"D{d}-L{length}" for d, length in SIZES])
 def test_no_mask_matches_reference(D, L, dtype):
     _check_parity(2, L, D, 8 if D <= 32 else 4, dtype, "none", seed=L + D)
 
