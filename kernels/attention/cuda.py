@@ -47,7 +47,7 @@ def _core():
 
 
 def _project(x, pos, in_w, in_b, num_heads):
-    """(qk_in, qk [N, L, 2E], v [N, L, E], q, k, v as [N, L, H, D] views)."""
+    """(qk_in, q, k, v): q and k [N, L, H, D] views into one [N, L, 2E] GEMM output, v [N, L, H, D]."""
     N, L, E = x.shape
     D = E // num_heads
     qk_in = x if pos is None else x + pos
