@@ -8,6 +8,10 @@ import os
 
 import pytest
 
+# cuBLAS raises under torch.use_deterministic_algorithms(True) unless its workspace is fixed; the
+# determinism tests need it, and it must be set before the first CUDA context.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 if os.environ.get("RTDETR_TEST_NO_INTERPRETER", "0") != "1":
     try:
         import torch
