@@ -3,8 +3,8 @@
 Two custom ops carry the work (see ``TopKSelect``): ``rtdetr_kernels::topk_select`` (class max or
 every (token, class) pair, ranking, gather; it also returns the class index of each chosen score,
 which the backward needs) and ``rtdetr_kernels::topk_select_backward`` (scatters the gradients back).
-The gathered tensors travel as a ``Tensor[]``. Only the ``reference`` backend exists so far; the
-others say so when asked for.
+The gathered tensors travel as a ``Tensor[]``. Backends: ``reference`` (the spec), ``cpu`` (PyTorch's
+kernels, one packed-key ``topk``), ``triton`` (triton.py), ``cuda`` (csrc/topk, when built).
 
 No autocast kernel is registered: selection and copying involve no arithmetic, so the op keeps
 the dtypes it is given under autocast (the Autocast keys fall through).
@@ -169,6 +169,21 @@ def _cpu_kernels():
 
 
 backends.register(backends.Implementation(OP, "cpu", _cpu_kernels, compiled=False))
+
+
+def _triton_kernels():
+    from . import triton as triton_impl
+
+    return triton_impl.forward, triton_impl.backward
+
+
+def _why_not_triton(call: backends.Call) -> Optional[str]:
+    from . import triton as triton_impl
+
+    return triton_impl.why_not(call)
+
+
+backends.register(backends.Implementation(OP, "triton", _triton_kernels, _why_not_triton))
 
 
 # --------------------------------------------------------------------------------------------
