@@ -229,3 +229,87 @@ def test_torch_compile_fullgraph_auto_backend():
     torch.testing.assert_close(select_queries(logits), topk_select(logits, 3)[0])
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# The post-processor with the sigmoid inside
+# --------------------------------------------------------------------------------------------
+
+
+def _flat(scores, k, gather=(), backend=None, **kw):
+    try:
+        return topk_select_flat(scores, k, gather, backend=backend, **kw)
+    except BackendUnavailableError as exc:  # a dtype this backend does not serve
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_post_processor_sigmoid_matches_rtdetr_postprocessor(device, backend):
+    """RT-DETR's RTDETRPostProcessor (sigmoid, topk over flatten(1), label = idx % C, query = idx // C,
+    gather of the scaled xyxy boxes) against topk_select_flat(logits, sigmoid=True): distinct
+    probabilities, so the indices, labels, boxes and scores are exactly equal."""
+    from rtdetr.model import RTDETRPostProcessor
+    import torchvision
+
+    N, Q, C, k = 2, 30, 7, 40
+    gen = torch.Generator().manual_seed(80)
+    logits = (torch.stack([torch.randperm(Q * C, generator=gen) for _ in range(N)]).float() / (Q * C) * 12 - 6).reshape(N, Q, C)
+    boxes = torch.rand(N, Q, 4, generator=gen)
+    sizes = torch.tensor([[640, 480], [320, 800]])
+    post = RTDETRPostProcessor(num_classes=C, num_top_queries=k).deploy()
+    labels, want_boxes, want_scores = post({"pred_logits": logits, "pred_boxes": boxes}, sizes)
+    bbox = torchvision.ops.box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy") * sizes.repeat(1, 2).unsqueeze(1)
+    scores, got_labels, queries, (got_boxes,) = _flat(logits.to(device), k, (bbox.to(device),), backend, sigmoid=True)
+    assert torch.equal(got_labels.cpu(), labels) and torch.equal(got_boxes.cpu(), want_boxes)
+    assert torch.equal(scores.cpu(), want_scores)
+    assert torch.equal(queries.cpu(), torch.topk(torch.sigmoid(logits).flatten(1), k).indices // C)
+
+
+@pytest.mark.parametrize("dtype,saturated", [(torch.float32, 17.5), (torch.float16, 9.0)])
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_post_processor_sigmoid_ties_when_saturated(device, backend, dtype, saturated):
+    """Logits above ~17 (float32; ~8.3 in float16) all have sigmoid exactly 1.0: ranked as probabilities they
+    are equal, ordered by lower (query, class), which is rfdetr's stable full sort; ranking the logits
+    instead would order them by logit."""
+    N, Q, C, k = 2, 25, 6, 30
+    gen = torch.Generator().manual_seed(81)
+    logits = torch.randn(N, Q, C, generator=gen) * 2
+    hot = torch.randperm(Q * C, generator=gen)[:20]  # 20 saturated pairs, distinct logits
+    logits.view(N, -1)[:, hot] = saturated + torch.rand(N, 20, generator=gen) * 3
+    logits = logits.to(dtype)
+    probabilities = torch.sigmoid(logits)
+    assert (probabilities.view(N, -1)[:, hot] == 1).all()
+    scores, labels, queries, _ = _flat(logits.to(device), k, (), backend, sigmoid=True)
+    flat = (queries * C + labels).cpu()
+    full_sort = probabilities.flatten(1).float().argsort(dim=1, descending=True, stable=True)[:, :k]  # rfdetr
+    assert torch.equal(flat, full_sort)
+    assert torch.equal(flat[:, :20], hot.sort().values.expand(N, 20))  # the saturated ones, in index order
+    assert torch.equal(scores.cpu(), probabilities.flatten(1).gather(1, flat))
+    assert not torch.equal(flat[:, :20], logits.flatten(1).float().topk(20).indices)  # logits rank otherwise
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_post_processor_sigmoid_gradients(device, backend):
+    N, Q, C, k = 2, 12, 5, 15
+    logits = torch.randn(N, Q, C, dtype=torch.float64, device=device)
+    boxes = torch.randn(N, Q, 4, dtype=torch.float64, device=device)
+    ours = [t.clone().requires_grad_() for t in (logits, boxes)]
+    plain = [t.clone().requires_grad_() for t in (logits, boxes)]
+    scores, labels, queries, (g_boxes,) = _flat(ours[0], k, (ours[1],), backend, sigmoid=True)
+    grads = [torch.randn_like(scores), torch.randn_like(g_boxes)]
+    torch.autograd.backward([scores, g_boxes], grads)
+    want_scores = torch.sigmoid(plain[0]).flatten(1).gather(1, queries * C + labels)
+    want_boxes = plain[1].gather(1, queries.unsqueeze(-1).expand(N, k, 4))
+    torch.autograd.backward([want_scores, want_boxes], grads)
+    for got, want in zip(ours, plain):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-15, rtol=0)
+
+
+def test_post_processor_sigmoid_validates_first():
+    scores = torch.randn(2, 10, 3)
+    with pytest.raises(TypeError, match="sigmoid"):
+        topk_select_flat(scores, 5, sigmoid="yes")
+    with pytest.raises(TypeError, match="scores"):  # before torch.sigmoid sees an integer tensor
+        topk_select_flat(scores.long(), 5, sigmoid=True)
+    with pytest.raises(ValueError, match="k"):
+        topk_select_flat(scores, 31, sigmoid=True)

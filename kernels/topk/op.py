@@ -227,29 +227,39 @@ def topk_select_flat(
     k: int,
     gather: Sequence[torch.Tensor] = (),
     *,
+    sigmoid: bool = False,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[torch.Tensor, ...]]:
     """The post-processor's form: top-k over all (query, class) pairs.
 
-    RT-DETR's ``RTDETRPostProcessor`` takes ``topk(scores.flatten(1), k)`` and splits the flat index
-    into ``label = index % C`` and ``query = index // C``. This is the same op ranking every (query,
-    class) pair (same ordering rules: equal scores by lower query, then lower class), gathering the
-    per-query tensors at each chosen pair's query in the same call.
+    RT-DETR's ``RTDETRPostProcessor`` takes ``topk(sigmoid(logits).flatten(1), k)`` and splits the flat
+    index into ``label = index % C`` and ``query = index // C``. This is the same op ranking every
+    (query, class) pair (same ordering rules: equal scores by lower query, then lower class, which is
+    the order of rfdetr's ``argsort(..., descending=True, stable=True)``), gathering the per-query
+    tensors at each chosen pair's query in the same call.
 
     Args:
-        scores: [N, Q, C] floating (sigmoid scores or logits; the order is the same).
+        scores: [N, Q, C] floating (sigmoid scores or logits).
         k: pairs to keep, 1 <= k <= Q * C.
         gather: per-query tensors [N, Q, *] (boxes) gathered at each chosen pair's query.
+        sigmoid: ``scores`` are logits: rank ``torch.sigmoid(scores)`` (computed in ``scores``' dtype,
+            as the post-processors do) and return those probabilities. Ranking the probabilities is not
+            ranking the logits: float32 sigmoid rounds to exactly 1.0 above a logit of about 17 (float16
+            above about 8), and such saturated pairs are equal (ordered by lower query, then class).
+        backend: 'auto' (default) or one of the backends (the sigmoid is torch's on every backend, so the
+            probabilities are bit-identical to the codebases').
 
     Returns:
-        scores [N, k], labels [N, k] int64, query indices [N, k] int64, gathered ([N, k, *], ...).
+        scores [N, k] (probabilities with ``sigmoid``), labels [N, k] int64, query indices [N, k] int64,
+        gathered ([N, k, *], ...). Differentiable in ``scores`` (through the sigmoid) and ``gather``.
     """
+    if not isinstance(sigmoid, bool):
+        raise TypeError(f"sigmoid: expected a bool, got {type(sigmoid).__name__}")
     problem = validate(scores, k, gather, pairs=True, names=("scores", "Q (queries)"))
     chosen = backends.choose(describe(problem), backend)
-    top_scores, queries, labels, gathered = TOPK(problem.logits, problem.k, list(problem.gather), True, chosen)
+    ranked = torch.sigmoid(problem.logits) if sigmoid else problem.logits
+    top_scores, queries, labels, gathered = TOPK(ranked, problem.k, list(problem.gather), True, chosen)
     return top_scores, labels, queries, tuple(gathered)
-
-
 
 
 explain = TOPK.explain
