@@ -14,9 +14,11 @@ print options, OpenCV's threads and the warning filters afterwards, so the rest 
 if ultralytics had never been imported.
 
 Tolerances: patched and unpatched compute the same float32 math with other summation orders (fused
-attention, the MSDA kernel); over the two decoder layers, the encoder layer and the loss the
-differences measured here are below 2e-6 on outputs and 1e-5 relative on gradients, so 1e-4 leaves
-room without hiding a wrong index or a dropped term (those change outputs at the 1e-2 level).
+attention, the MSDA kernel). Measured here: outputs within 1e-6, the loss (37.5) within 4e-6, gradients
+within 2.1e-6 absolute where the largest is 3.4. Outputs are compared at 1e-4, gradients at
+atol = 1e-5 x the largest gradient (16x the measured error) and rtol 1e-3: a wrong index or a dropped
+term changes them at the 1e-2 level. (A per-parameter relative bound would be wrong: some gradients
+are rounding noise.)
 """
 
 from __future__ import annotations
@@ -224,9 +226,9 @@ def test_training_step_loss_and_gradients(ultra, monkeypatch):
     torch.testing.assert_close(loss, loss_ref, atol=ATOL, rtol=RTOL)
     assert grads.keys() == grads_ref.keys()
     assert len(grads) == len([p for p in m.parameters() if p.requires_grad])  # every parameter gets one
+    scale = max(g.abs().max().item() for g in grads_ref.values())
     for name, g in grads.items():
-        torch.testing.assert_close(g, grads_ref[name], atol=ATOL * max(1.0, grads_ref[name].abs().max().item()),
-                                   rtol=RTOL, msg=lambda s: f"{name}: {s}")
+        torch.testing.assert_close(g, grads_ref[name], atol=1e-5 * scale, rtol=1e-3, msg=lambda s: f"{name}: {s}")
     handle.revert()
 
 
@@ -326,17 +328,17 @@ def test_nothing_to_patch_names_the_family(ultra):
 
 
 def test_whole_model_capture_eval(ultra):
-    """The patched eval model traces as one graph at fixed shapes (torch._dynamo.explain on the CPU)."""
+    """The patched eval model is captured whole at fixed shapes: ``fullgraph=True`` raises at any graph
+    break (``torch._dynamo.explain`` reports 0 breaks, 1 graph, patched and unpatched alike; the
+    ``eager`` backend keeps the test to tracing, about 15 s here)."""
     m = _model(ultra, seed=14).eval()
     x = _images(n=1, seed=15)
     rtdetr_kernels.patch(m)
-    with torch.no_grad():
-        ref = m(x)[0]
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(m)(x)
-    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
-    assert explained.graph_count == 1
-    with torch.no_grad():
-        compiled = torch.compile(m, fullgraph=True, backend="eager")
-        torch.testing.assert_close(compiled(x)[0], ref, atol=ATOL, rtol=RTOL)
     torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            ref = m(x)[0]
+            compiled = torch.compile(m, fullgraph=True, backend="eager")
+            torch.testing.assert_close(compiled(x)[0], ref, atol=ATOL, rtol=RTOL)
+    finally:
+        torch._dynamo.reset()
