@@ -16,7 +16,8 @@ Patch the network and the post-processor, e.g. for an ``RFDETRNano`` object ``rf
   of training kept (the 13 groups stacked on the batch, as upstream). The windowed DINOv2 backbone has
   its own attention and is not patched.
 - topk: ``PostProcess._select_topk`` (method rebind): upstream's full ``argsort`` of the N x (Q*C)
-  sigmoid scores becomes ``topk_select_flat`` (same order: descending, equal scores by lower flat
+  sigmoid scores becomes ``topk_select_flat(logits, k, sigmoid=True)`` (it ranks the same sigmoid
+  values, so saturated scores tie as upstream's; same order: descending, equal scores by lower flat
   index; C = classes + 1); ``Transformer._two_stage_group_selection`` (training's batched two-stage
   query selection, method rebind): ``topk_select`` over the groups stacked on the batch, gathering the
   class logits, the normed memory and the proposals in the same call. The eval query selection is
@@ -153,7 +154,7 @@ def _select_topk(self, patch: BoundPatch, out_logits):
     k = min(self.num_select, out_logits.shape[1] * out_logits.shape[2])
     if k < 1:
         return patch.original(out_logits)
-    scores, labels, queries, _ = topk_select_flat(out_logits.sigmoid(), k, (), **_kw(patch.backend))
+    scores, labels, queries, _ = topk_select_flat(out_logits, k, (), sigmoid=True, **_kw(patch.backend))
     return scores, labels, queries
 
 
