@@ -20,7 +20,7 @@ if __name__ != "rtdetr_kernels":
         raise AttributeError(f"{__file__} is the source of the 'rtdetr_kernels' package, imported here as "
                              f"{__name__!r}; use `import rtdetr_kernels` (attribute {name!r} requested)")
 else:
-    from . import backends
+    from . import backends, export, onnx  # export, onnx: deployment (torch.export/AOTInductor, ONNX); no onnx import here
     from .backends import BackendUnavailableError, use_backend
     from .attention import aifi_attention
     from .ms_deform_attn import ms_deform_attn
