@@ -202,7 +202,11 @@ def _hub_msda_forward(self, patch: _Bound, value, value_spatial_shapes, value_sp
 def _v2_core(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list,
              method="default", *, backend=None):
     """transformers' ``multi_scale_deformable_attention_v2`` signature (``method`` positional, as D-FINE
-    passes its ``decoder_method``); discrete sampling clamps per axis, as transformers' ports do."""
+    passes its ``decoder_method``); discrete sampling clamps per axis, as transformers' ports do. Discrete
+    sampling has no gradient to the locations (upstream's int64 cast cuts the graph, so the offsets'
+    gradients are None, not zero: an optimizer then skips them); the locations are detached to match."""
+    if method == "discrete":
+        sampling_locations = sampling_locations.detach()
     return _ops().ms_deform_attn(value, value_spatial_shapes, sampling_locations, attention_weights,
                                  num_points_list=list(num_points_list), method=method, discrete_clamp="per_axis",
                                  **_kw(backend))
@@ -568,32 +572,32 @@ FAMILY = register_family(Family(
 
 def hub_kernels() -> ModuleType:
     """Hugging Face's ``kernels`` package, even where this repository's ``kernels/`` folder (the source of
-    ``rtdetr_kernels``) shadows it: with the repository root on ``sys.path`` (``python -m pytest``, a REPL
-    started there) ``import kernels`` finds the folder first. The folder is dropped from ``sys.modules``
-    (under that name it defines nothing) and the package imported with the root left out of the path."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../kernels (rtdetr_kernels' folder)
+    ``rtdetr_kernels``) shadows it: with the repository root on ``sys.path`` (``python -m pytest`` and a
+    REPL started there put the working directory first) ``import kernels`` finds the folder before the
+    installed package. The folder's modules are dropped from ``sys.modules`` (under that name it defines
+    nothing) and the package is imported with such roots left out of the path."""
     mod = sys.modules.get("kernels")
-    if mod is not None and not _is_folder(mod, here):
+    if mod is not None and not _is_source_folder(mod):
         return mod
-    root = os.path.dirname(here)
     for name in [n for n in sys.modules if n == "kernels" or n.startswith("kernels.")]:
-        if _is_folder(sys.modules[name], here):
-            del sys.modules[name]
+        del sys.modules[name]  # all from the folder: its package module is the folder's
     saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or os.curdir, "kernels", "_library.py"))]
     try:
         mod = importlib.import_module("kernels")
     finally:
         sys.path[:] = saved
-    if _is_folder(mod, here):  # pragma: no cover - the folder reachable some other way
+    if _is_source_folder(mod):  # pragma: no cover - reachable some other way (a .pth file)
         del sys.modules["kernels"]
-        raise ModuleNotFoundError("the 'kernels' package (Hugging Face) is shadowed by " + here, name="kernels")
+        raise ModuleNotFoundError("Hugging Face's 'kernels' package is shadowed by " + os.path.dirname(mod.__file__),
+                                  name="kernels")
     return mod
 
 
-def _is_folder(mod: ModuleType, here: str) -> bool:
-    f = getattr(mod, "__file__", None) or ""
-    return os.path.abspath(f).startswith(here + os.sep)
+def _is_source_folder(mod: ModuleType) -> bool:
+    """``mod`` is this project's source folder imported as ``kernels`` (it holds ``_library.py``)."""
+    f = getattr(mod, "__file__", None)
+    return bool(f) and os.path.isfile(os.path.join(os.path.dirname(f), "_library.py"))
 
 
 class LocalLayerRepository:
