@@ -353,3 +353,36 @@ def test_msda_op_on_rfdetr_shapes(backend, N, Lq, shapes):
     assert_close_scaled(out, ref, tol, f"{backend} output")
     for name, a, b in zip(("value", "locations", "weights"), grads, ref_grads):
         assert_close_scaled(a, b, tol, f"{backend} grad_{name}")
+
+
+def test_rfdetr_object_patches_network_and_postprocess(monkeypatch):
+    """``patch(RFDETRNano(...))``: the network and the post-processor together; ``predict`` end to end."""
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from rfdetr import RFDETRNano
+
+        torch.manual_seed(11)
+        rf = RFDETRNano(pretrain_weights=None, num_classes=5, resolution=RES)
+    with torch.no_grad():
+        for name, p in rf.model.model.named_parameters():
+            if not name.startswith("backbone"):
+                p.add_(torch.randn_like(p) * 0.02)
+    image = (np.random.default_rng(12).random((RES + 17, RES - 9, 3)) * 255).astype(np.uint8)
+    ref = rf.predict(image, threshold=0.0)
+    calls = _Calls(monkeypatch)
+    handle = rtdetr_kernels.patch(rf)
+    assert handle.counts() == {"msda": {"MSDeformAttn": 2}, "attention": {"TransformerDecoderLayer": 2},
+                               "topk": {"PostProcess": 1, "Transformer": 1}}
+    assert rtdetr_kernels.patch(rf) is handle
+    out = rf.predict(image, threshold=0.0)
+    assert calls.counts == dict.fromkeys(calls.counts, 0)
+    assert len(out) == len(ref) > 0
+    np.testing.assert_array_equal(out.class_id, ref.class_id)
+    np.testing.assert_allclose(out.confidence, ref.confidence, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out.xyxy, ref.xyxy, atol=1e-3, rtol=1e-5)  # pixels
+    handle.revert()
+    assert "_select_topk" not in rf.model.postprocess.__dict__
+    with pytest.raises(TypeError, match="nn.Module"):
+        rtdetr_kernels.patch(object())

@@ -1,8 +1,9 @@
 """The ``rfdetr`` family: Roboflow's RF-DETR (rfdetr 1.11.2; the ``LWDETR`` network and its ``PostProcess``).
 
-Patch the network and the post-processor, e.g. for an ``RFDETRNano`` object ``rf``:
-``rtdetr_kernels.patch(rf.model.model)`` and ``rtdetr_kernels.patch(rf.model.postprocess)`` (the
-``RFDETR`` object itself is no nn.Module). Per instance, nothing global:
+``rtdetr_kernels.patch(rf)`` takes an ``RFDETR`` object (``RFDETRNano(...)`` etc.; no nn.Module itself)
+and patches its network ``rf.model.model`` and post-processor ``rf.model.postprocess`` together (held
+in one ``nn.ModuleDict`` kept on ``rf.model``, so patching ``rf`` twice is a no-op); each can also be
+patched alone. Per instance, nothing global:
 
 - msda: ``MSDeformAttn.forward`` (forward swap). Upstream transposes the projected value to
   [N, M, D, S] (a contiguous copy) for its grid-sample core; the swap views ``value_proj(x)`` as
@@ -260,9 +261,27 @@ def _apply(model: nn.Module, kinds: frozenset, backend: Optional[str]) -> List[R
     return replaced
 
 
+def _unwrap(obj) -> Optional[nn.Module]:
+    """An ``rfdetr.detr.RFDETR`` object -> ModuleDict(model=its LWDETR, postprocess=its PostProcess)."""
+    if isinstance(obj, nn.Module) or not any(c.__name__ == "RFDETR" and c.__module__ == "rfdetr.detr"
+                                             for c in type(obj).__mro__):
+        return None
+    context = getattr(obj, "model", None)
+    parts = {name: getattr(context, name, None) for name in ("model", "postprocess")}
+    parts = {k: v for k, v in parts.items() if isinstance(v, nn.Module)}
+    if not parts:
+        return None
+    held = getattr(context, "_rtdetr_kernels_modules", None)
+    if held is None or dict(held.items()) != parts:  # the context's modules changed: a new holder
+        held = nn.ModuleDict(parts)
+        object.__setattr__(context, "_rtdetr_kernels_modules", held)
+    return held
+
+
 FAMILY = register_family(Family(
     name="rfdetr",
     covers="rfdetr LWDETR and PostProcess (MSDeformAttn, TransformerDecoderLayer self-attention, "
            "PostProcess._select_topk, Transformer._two_stage_group_selection)",
     apply=_apply,
+    unwrap=_unwrap,
 ))
