@@ -115,13 +115,14 @@ def _check_batch_dynamic(proto, args) -> None:
                              "dynamic_batch=False (one batch size) or fix the model")
 
 
-def export(model: torch.nn.Module, args: Sequence[Any], path: Optional[Union[str, os.PathLike]] = None, *,
+def export(model: "torch.nn.Module | torch.export.ExportedProgram", args: Sequence[Any], path: Optional[Union[str, os.PathLike]] = None, *,
            msda: Optional[str] = None, attention: Optional[str] = None, topk: Optional[str] = None,
            dynamic_batch: bool = True, dynamic_shapes=None, input_names: Optional[Sequence[str]] = None,
            output_names: Optional[Sequence[str]] = None, opset_version: Optional[int] = None,
            check: bool = True, **kwargs):
     """Export ``model(*args)`` to ONNX with rtdetr_kernels' translations; returns the ``ONNXProgram``
-    (saved to ``path`` when given, weights inside the file).
+    (saved to ``path`` when given, weights inside the file). ``model`` may be an ``ExportedProgram``
+    (``torch.export.export`` once, then translate it in several forms; its dynamic shapes are kept).
 
     ``dynamic_batch``: dim 0 of every tensor argument is a dynamic ``batch`` (ignored when
     ``dynamic_shapes`` is given). ``attention='attention23'`` needs opset >= 23 and picks it when
@@ -141,7 +142,9 @@ def export(model: torch.nn.Module, args: Sequence[Any], path: Optional[Union[str
                              f"{ATTENTION23_OPSET}, got {opset_version}")
     args = tuple(args)
     given_shapes = dynamic_shapes is not None
-    if dynamic_shapes is None and dynamic_batch:
+    if isinstance(model, torch.export.ExportedProgram):  # exported once, translated in several forms
+        given_shapes = True  # its shapes are the ones it was exported with
+    elif dynamic_shapes is None and dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
     try:
