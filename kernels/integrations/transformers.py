@@ -40,7 +40,9 @@
   ``post_process_object_detection`` on an ``RTDetrImageProcessor`` (also RT-DETRv2's, D-FINE's and
   DEIMv2's) or ``DeformableDetrImageProcessor`` instance (and their ``...Pil`` twins), ranking the
   sigmoid scores of every (query, class) pair with ``topk_select_flat`` and gathering the boxes in the
-  same call. ``use_focal_loss=False`` runs the original (its softmax). The query selection sits inline
+  same call (``sigmoid=True``: ranked on the probabilities, as upstream, since float32's sigmoid is
+  exactly 1.0 above a logit of about 17; such saturated pairs are ordered by lower query, then class,
+  where ``torch.topk`` leaves them unspecified). ``use_focal_loss=False`` runs the original (its softmax). The query selection sits inline
   in ``RTDetrModel.forward`` (one ``topk`` and three gathers, no hook); patching it would need a
   version-pinned copy of the whole forward for little gain, so it is left alone (``patch`` on a
   transformers model reports "topk: nothing to patch").
@@ -443,7 +445,7 @@ def _scale(boxes: torch.Tensor, target_sizes, rtdetr: bool) -> torch.Tensor:
 def _select(out_logits, boxes, k, backend):
     from ..topk import topk_select_flat
 
-    scores, labels, _, (boxes,) = topk_select_flat(torch.sigmoid(out_logits), k, (boxes,), **_kw(backend))
+    scores, labels, _, (boxes,) = topk_select_flat(out_logits, k, (boxes,), sigmoid=True, **_kw(backend))
     return scores, labels, boxes
 
 
