@@ -8,7 +8,7 @@ from typing import List
 import torch
 
 from .._cases import DTYPES, Case, Sample, backward_both_modes, call_or_skip, sync
-from .op import topk_select
+from .op import topk_select, topk_select_flat
 
 
 def _oracle(logits, k, gather):
@@ -32,8 +32,10 @@ def sample(seed: int = 0) -> Sample:
                   description="N=2, T=8400, C=80, k=300, gather memory [N,T,256] and boxes; oracle torch.topk")
 
 
-def _case(backend: str, N: int, T: int, C: int, k: int, dtype: str, ties: bool = False, nonfinite: bool = False) -> Case:
-    case_id = f"topk_select/{backend}-{dtype}-N{N}-T{T}-C{C}-k{k}{'-ties' if ties else ''}{'-nonfinite' if nonfinite else ''}"
+def _case(backend: str, N: int, T: int, C: int, k: int, dtype: str, ties: bool = False, nonfinite: bool = False,
+          pairs: bool = False) -> Case:
+    case_id = (f"topk_select/{backend}-{dtype}-N{N}-T{T}-C{C}-k{k}{'-ties' if ties else ''}"
+               f"{'-nonfinite' if nonfinite else ''}{'-pairs' if pairs else ''}")
 
     def run(device: str, check: bool) -> None:
         gen = torch.Generator().manual_seed(0)
@@ -48,12 +50,19 @@ def _case(backend: str, N: int, T: int, C: int, k: int, dtype: str, ties: bool =
         logits = logits.to(device=device, dtype=dt).requires_grad_()
         memory = torch.randn(N, T, 33, generator=gen).to(device=device, dtype=dt).requires_grad_()
         boxes = torch.rand(N, T, 4, generator=gen).to(device).requires_grad_()
-        scores, indices, gathered = call_or_skip(topk_select, logits, k, (memory, boxes), backend=backend)
+        if pairs:
+            scores, _, indices, gathered = call_or_skip(topk_select_flat, logits, k, (memory, boxes), sigmoid=True,
+                                                        backend=backend)
+        else:
+            scores, indices, gathered = call_or_skip(topk_select, logits, k, (memory, boxes), backend=backend)
         sync(device)
         if tuple(indices.shape) != (N, k) or tuple(gathered[0].shape) != (N, k, 33):
             raise AssertionError(f"indices {tuple(indices.shape)} / gathered {tuple(gathered[0].shape)} for N={N}, k={k}")
         if check:
-            ref = topk_select(logits.detach(), k, backend="reference")[1]
+            if pairs:
+                ref = topk_select_flat(logits.detach(), k, sigmoid=True, backend="reference")[2]
+            else:
+                ref = topk_select(logits.detach(), k, backend="reference")[1]
             if not torch.equal(indices, ref):
                 raise AssertionError("indices differ from the reference")
         backward_both_modes((scores, *gathered), (logits, memory, boxes), device)
@@ -62,10 +71,16 @@ def _case(backend: str, N: int, T: int, C: int, k: int, dtype: str, ties: bool =
 
 
 def sanitizer_cases(backend: str, quick: bool = False) -> List[Case]:
-    """RT-DETR's shape in every dtype, ties, k == T, non-finite logits, empty batch."""
+    """RT-DETR's shape in every dtype, ties, k == T, non-finite logits, empty batch; the post-processor
+    form with the sigmoid; the kernels' other paths: keys beyond shared memory (20000 candidates), k
+    beyond the in-kernel sort (torch.sort finish), the thread-per-token class max (C < 16)."""
     cases = [_case(backend, 2, 8400, 80, 300, dtype) for dtype in (("fp32", "bf16", "fp16") if not quick else ("fp32", "bf16"))]
     cases += [_case(backend, 3, 500, 7, 300, "fp32", ties=True),
               _case(backend, 2, 300, 80, 300, "fp32"),  # k == T
               _case(backend, 1, 999, 3, 17, "fp32", nonfinite=True),
-              _case(backend, 0, 100, 80, 10, "fp32")]
+              _case(backend, 0, 100, 80, 10, "fp32"),
+              _case(backend, 2, 300, 80, 300, "fp16", pairs=True)]
+    if not quick:
+        cases += [_case(backend, 1, 20000, 5, 300, "fp32", ties=True),
+                  _case(backend, 1, 5000, 2, 4500, "fp32", nonfinite=True)]
     return cases

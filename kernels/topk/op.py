@@ -186,6 +186,25 @@ def _why_not_triton(call: backends.Call) -> Optional[str]:
 backends.register(backends.Implementation(OP, "triton", _triton_kernels, _why_not_triton))
 
 
+def _cuda_kernels():
+    ops = backends.extension_namespace()
+    return ops.topk_select_forward, ops.topk_select_backward
+
+
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _why_not_cuda(call: backends.Call) -> Optional[str]:
+    """csrc/topk: rank float16/bfloat16/float32 scores (gathered tensors of any dtype)."""
+    if call.dtypes and call.dtypes[0] not in _CUDA_DTYPES:
+        return (f"the CUDA top-k kernels rank float16, bfloat16 and float32 scores, got {call.dtypes[0]} "
+                "(float64 runs on the reference backend)")
+    return None
+
+
+backends.register(backends.Implementation(OP, "cuda", _cuda_kernels, _why_not_cuda))
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -209,7 +228,7 @@ def topk_select(
         k: tokens to keep, 1 <= k <= T.
         gather: per-token tensors [N, T, *] (any dtype, logits' device) to gather at the chosen
             tokens; values are copied as they are (inf included).
-        backend: 'auto' (default) or 'reference' (the only implementation so far).
+        backend: 'auto' (default), 'cuda', 'triton', 'cpu' or 'reference'.
 
     Returns:
         scores [N, k] in logits' dtype (differentiable: flows to the chosen class entry of logits),
