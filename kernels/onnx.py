@@ -110,9 +110,10 @@ def _check_batch_dynamic(proto, args) -> None:
     for value, arg in zip(proto.graph.input, tensors):
         dims = value.type.tensor_type.shape.dim
         if arg.dim() > 0 and dims and not dims[0].dim_param:
+            why = ("torch.export specialises dimensions of size 1: export with an example batch of 2 or more"
+                   if dims[0].dim_value == 1 else "the model's own code specialises it during export")
             raise ValueError(f"dynamic_batch: the exported graph fixes the batch size of input {value.name!r} at "
-                             f"{dims[0].dim_value}: the model's own code specialises it during export; export with "
-                             "dynamic_batch=False (one batch size) or fix the model")
+                             f"{dims[0].dim_value}: {why}; or export with dynamic_batch=False (one batch size)")
 
 
 def export(model: "torch.nn.Module | torch.export.ExportedProgram", args: Sequence[Any], path: Optional[Union[str, os.PathLike]] = None, *,
