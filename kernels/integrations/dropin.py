@@ -97,7 +97,11 @@ def mask_supported(attn_mask: Optional[torch.Tensor], x: torch.Tensor, num_heads
 def mha_self_attention(mha: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor] = None,
                        attn_mask: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """``mha(x + pos, x + pos, x, attn_mask=attn_mask, need_weights=False)[0]`` of a batch-first
-    ``nn.MultiheadAttention`` (or an ``AIFIAttention``) through the fused op, on its own parameters."""
+    ``nn.MultiheadAttention`` (or an ``AIFIAttention``) through the fused op, on its own parameters.
+    A narrower ``pos`` is widened to x's dtype first (the official encoder adds a float32 embedding to
+    float64 tokens): the same values ``x + pos`` has by type promotion."""
+    if pos is not None and pos.dtype != x.dtype and torch.promote_types(pos.dtype, x.dtype) == x.dtype:
+        pos = pos.to(x.dtype)
     return aifi_attention(x, pos, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias,
                           mha.num_heads, attn_mask, backend=backend)
 
