@@ -69,7 +69,7 @@ def _train_step(model, criterion, images, targets):
     for group in ("aux_outputs", "dn_aux_outputs", "enc_aux_outputs"):
         for i, o in enumerate(out.get(group, [])):
             flat[f"{group}.{i}.logits"], flat[f"{group}.{i}.boxes"] = o["pred_logits"], o["pred_boxes"]
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {k: v.detach().clone() for k, v in flat.items()}, {k: v.detach() for k, v in losses.items()}, grads
 
 
