@@ -150,7 +150,7 @@ def _bilinear_corners(x_in, y_in, Hs, Ws, starts, dt):
     lx, ly = op.Sub(x, x0), op.Sub(y, y0)
     hx, hy = op.Sub(one, lx), op.Sub(one, ly)
     x0i, y0i = op.Cast(x0, to=ir.DataType.INT64), op.Cast(y0, to=ir.DataType.INT64)
-    Wi, Hi, start = _ints(Ws), _ints(Hs), _ints(starts)
+    Wi, start = _ints(Ws), _ints(starts)
     Wm1, Hm1 = _ints([w - 1 for w in Ws]), _ints([h - 1 for h in Hs])
     zero_i, one_i = _ints([0]), _ints([1])
     corners = []
