@@ -6,6 +6,10 @@ int64 that is unique per token and orders ties by lower index: one ``torch.topk`
 order. float64 keys take 64 bits: there ``topk`` finds the k-th key in O(T); every token above it is
 in, of the tokens equal to it the lowest-indexed fill the rest (``topk`` itself leaves that choice
 unspecified), and only the k chosen keys are sorted, stably.
+
+Gathers are ``index_select`` of whole rows of the [N * T, *] view (about 10x faster on CPU than
+``torch.gather`` with an expanded index, which computes an offset per element); the backward writes
+rows back with ``index_copy_`` (``index_add_`` for the pairs form).
 """
 
 from __future__ import annotations
@@ -60,5 +64,61 @@ def forward(logits: torch.Tensor, k: int, gather: Sequence[torch.Tensor], pairs:
         indices = choose(token_scores, k)
         scores = token_scores.gather(1, indices)
         classes = token_classes.gather(1, indices)
-    gathered: List[torch.Tensor] = [gather_tokens(t, indices) for t in gather]
+    rows = _flat_rows(indices, T)
+    gathered: List[torch.Tensor] = [_gather_rows(t, indices, rows) for t in gather]
     return scores, indices, classes, gathered
+
+
+def _flat_rows(indices: torch.Tensor, T: int) -> torch.Tensor:
+    """indices [N, k] -> rows of the [N * T, *] view, [N * k]."""
+    N = indices.shape[0]
+    return (indices + torch.arange(N, device=indices.device).unsqueeze(1) * T).reshape(-1)
+
+
+def _rows_view(t: torch.Tensor):
+    """t [N, T, *] as a [N * T, R] view, or None where that would need a copy."""
+    N, T = t.shape[:2]
+    try:
+        return t.view(N * T, -1) if t.numel() else None
+    except RuntimeError:
+        return None
+
+
+def _gather_rows(source: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """index_select of whole rows (about 10x faster on CPU than a gather with an expanded index)."""
+    N, k = indices.shape
+    view = _rows_view(source)
+    if view is None:
+        return gather_tokens(source, indices)
+    return view.index_select(0, rows).view(N, k, *source.shape[2:])
+
+
+def backward(grad_scores, indices, classes, grad_gathered, num_tokens, num_classes, pairs, need_logits, need_gather,
+             deterministic):
+    """Scatters into zeros: the scores' gradient to its class entry, each gathered gradient to its
+    token's row (index_copy_; index_add_ for the pairs form, where a token can be chosen more than
+    once: on CPU both run in index order, so the result is deterministic)."""
+    N, k = indices.shape
+    T, C = num_tokens, num_classes
+    if need_logits:
+        flat = indices * C + classes  # unique within a row
+        grad_logits = grad_scores.new_zeros(N, T * C).scatter_(1, flat, grad_scores).reshape(N, T, C)
+    else:
+        grad_logits = grad_scores.new_empty(0)
+    rows = _flat_rows(indices, T)
+    grads = []
+    for grad, need in zip(grad_gathered, need_gather):
+        if not need:
+            grads.append(grad.new_empty(0))
+            continue
+        rest = grad.shape[2:]
+        out = grad.new_zeros(N, T, *rest)
+        if out.numel():
+            view = out.view(N * T, -1)
+            src = grad.reshape(N * k, -1)
+            if pairs:
+                view.index_add_(0, rows, src)
+            else:
+                view.index_copy_(0, rows, src)
+        grads.append(out)
+    return grad_logits, grads

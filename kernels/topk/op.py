@@ -115,7 +115,9 @@ class TopKSelect(OpDef):
     def grads(self, saved, meta, needs, grad_outputs, backward):
         indices, classes = saved
         grad_scores, _, _, grad_gathered = grad_outputs
-        need_logits = bool(needs[0])
+        # the scores' gradient, where the scores were used (an unused output's gradient is None: nothing
+        # to scatter; logits' gradient then comes from its gathered copy alone, if any)
+        need_logits = bool(needs[0]) and grad_scores is not None
         need_gather = [bool(n) and g is not None for n, g in zip(needs[2], grad_gathered)]
         grads_in = [g if need else empty_grad(indices) for g, need in zip(grad_gathered, need_gather)]
         if grad_scores is None:  # only gathered outputs were used
@@ -165,7 +167,7 @@ backends.register(backends.Implementation(OP, "reference", lambda: (_reference_f
 def _cpu_kernels():
     from . import cpu
 
-    return cpu.forward, _reference_backward  # the backward is scatters either way
+    return cpu.forward, cpu.backward
 
 
 backends.register(backends.Implementation(OP, "cpu", _cpu_kernels, compiled=False))
