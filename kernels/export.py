@@ -11,8 +11,8 @@ before compiling it:
 - MSDA becomes a direct call of ``rtdetr_kernels_C::ms_deform_attn_forward`` (the cpu record's kernel;
   the same C++ op has the CUDA kernel), which AOTInductor calls through its proxy executor by name;
   without the extension it becomes the reference's ATen ops;
-- attention and top-K (whose cpu backends are composed of PyTorch's own kernels) become those ATen
-  ops, which Inductor compiles like the rest of the model.
+- attention and top-K (no C++ CPU kernels) become their reference's ATen ops, which Inductor compiles
+  like the rest of the model.
 
 Eager, ``torch.compile`` and plain ``torch.export`` are unchanged: the rewrite is a decomposition
 table applied by ``ep.run_decompositions``, and the fake (meta) kernels the C++ forward ops need for it
@@ -47,10 +47,12 @@ def _contiguous(a):
 
 
 def _serving_record(op: str) -> backends.Implementation:
-    """The record whose forward the package calls: cpu (C++ ops, or PyTorch's kernels where the
-    cpu record is composite) where it can run without Python, else the reference (ATen ops)."""
-    impl = backends.implementation(op, "cpu")
-    if backends.build_why_not("cpu", "cpu", impl.compiled) is None:
+    """The record whose forward the package calls: the cpu record where its kernels are C++ ops of the
+    built extension (MSDA), else the reference, the op's executable spec in plain tensor code (attention,
+    top-K: their cpu records are composed of PyTorch's kernels too, but may take data-dependent Python
+    branches, e.g. top-K's fast path when there are no ties, which a traced graph cannot keep)."""
+    impl = backends.implementation(op, "cpu") if "cpu" in backends.implemented_backends(op) else None
+    if impl is not None and impl.compiled and backends.build_why_not("cpu", "cpu", True) is None:
         return impl
     return backends.implementation(op, "reference")
 

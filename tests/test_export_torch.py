@@ -3,7 +3,7 @@
 - ``torch.export.export`` of a patched model keeps our ops in the graph (not a decomposition), runs,
   matches eager, and survives ``torch.export.save`` / ``load``.
 - ``rtdetr_kernels.export.lower`` turns MSDA into a direct call of the C++ op
-  ``rtdetr_kernels_C::ms_deform_attn_forward`` and attention / top-K into ATen ops; an AOTInductor
+  ``rtdetr_kernels_C::ms_deform_attn_forward`` and attention / top-K into their reference's ATen ops; an AOTInductor
   package of a module that calls all three runs in a fresh process that loads only the compiled
   extension (``torch.ops.load_library``) and refuses to import ``rtdetr_kernels`` at all.
 
