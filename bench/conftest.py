@@ -3,6 +3,7 @@
 machine_info, and the order the benchmarks run in (see pytest_collection_modifyitems)."""
 
 import os
+import statistics
 import time
 
 import pytest
@@ -18,6 +19,27 @@ def budget_left() -> float:
 
 def quick() -> bool:
     return os.environ.get("RTDETR_BENCH_QUICK", "0") == "1"
+
+
+def time_once_ms(fn, device: str) -> float:
+    """One call of ``fn`` in ms: CUDA-event time on a GPU, wall time on the CPU."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_rounds_ms(fn, rounds: int, device: str):
+    """(median, min) of ``rounds`` timed calls, in ms, after a warm-up call."""
+    fn()
+    times = [time_once_ms(fn, device) for _ in range(rounds)]
+    return statistics.median(times), min(times)
 
 
 def device_name(device: str) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import os
 import statistics
-import time
 
 import pytest
 import torch
@@ -37,7 +36,7 @@ import rtdetr_kernels
 from rtdetr_kernels import backends
 from rtdetr_kernels.ms_deform_attn.reference import ms_deform_attn_grid_sample
 
-from conftest import budget_left, device_name, quick
+from conftest import budget_left, device_name, quick, time_once_ms, time_rounds_ms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DECODER_640 = ((80, 80), (40, 40), (20, 20))
@@ -156,24 +155,11 @@ def _check(provider, fn, shapes, n, lq, dtype):
 
 
 def _once(fn):
-    """One call of ``fn`` in ms: CUDA-event time on GPU, wall time on CPU."""
-    if DEVICE == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    return time_once_ms(fn, DEVICE)
 
 
 def _timer(fn, rounds):
-    """(median, min) of ``rounds`` timed calls, in ms, after a warm-up call."""
-    fn()
-    times = [_once(fn) for _ in range(rounds)]
-    return statistics.median(times), min(times)
+    return time_rounds_ms(fn, rounds, DEVICE)
 
 
 def _cpu_peak_mb(fn):

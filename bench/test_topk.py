@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ import rtdetr_kernels
 from rtdetr_kernels import backends
 from rtdetr_kernels.topk import topk_select_flat, topk_select_reference
 
-from conftest import budget_left, device_name, quick
+from conftest import budget_left, device_name, quick, time_once_ms, time_rounds_ms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 K = 300
@@ -178,22 +177,11 @@ def _check_post(provider, fn, logits, boxes):
 
 
 def _once(fn):
-    if DEVICE == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    return time_once_ms(fn, DEVICE)
 
 
 def _timer(fn, rounds):
-    fn()
-    times = [_once(fn) for _ in range(rounds)]
-    return statistics.median(times), min(times)
+    return time_rounds_ms(fn, rounds, DEVICE)
 
 
 def _select_runner(fn, inputs, mode):
