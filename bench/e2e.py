@@ -37,7 +37,7 @@ def bench_config(name, batches, size, device, rounds, train_batches):
     torch.manual_seed(0)
     model = rtdetr.testing.randomize_(rtdetr.build_model(name), seed=0, score_scale=4.0).to(device).eval()
     patch = apply_to_rtdetr(model)
-    ours = [(m, m.ms_deformable_attn_core) for m, _ in patch.replaced]
+    ours = [(m, m.ms_deformable_attn_core) for m in (model.get_submodule(r.where) for r in patch.replaced)]
     patch.revert()
     originals = [(m, m.ms_deformable_attn_core) for m, _ in ours]
 

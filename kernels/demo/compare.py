@@ -256,7 +256,7 @@ def end_to_end(model, images: torch.Tensor, targets, criterion, budget: float = 
     device = images.device
     rows = []
     patch = apply_to_rtdetr(model)
-    patched_cores = [(m, m.ms_deformable_attn_core) for m, _ in patch.replaced]
+    patched_cores = [(m, m.ms_deformable_attn_core) for m in (model.get_submodule(r.where) for r in patch.replaced)]
     patch.revert()
 
     def set_patched(on):
