@@ -128,9 +128,12 @@ def test_source_directory_imported_as_kernels_defines_nothing():
     also Hugging Face's kernel-hub package (transformers imports it on `import transformers...` to
     probe for it). That import must not define the ops again: torch would replace them and every
     handle taken by the first import would dangle (seen as an intermittent INTERNAL ASSERT in CI)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(rtdetr_kernels.__file__)))
-    if not os.path.isfile(os.path.join(root, "kernels", "__init__.py")):
+    source = os.path.dirname(os.path.abspath(rtdetr_kernels.__file__))
+    # Installed, the package's folder is site-packages/rtdetr_kernels, and a `kernels` folder beside it
+    # is Hugging Face's package (a test dependency), not this source.
+    if os.path.basename(source) != "kernels":
         pytest.skip("rtdetr_kernels is installed, not run from the source tree")
+    root = os.path.dirname(source)
     body = textwrap.dedent("""
         import importlib, torch
         import rtdetr_kernels
