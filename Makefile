@@ -47,7 +47,7 @@ demo: setup
 
 # The build test must fail (not skip) when the extension, or its CUDA kernels where nvcc exists, did not build.
 test: setup
-	RTDETR_REQUIRE_EXTENSION=1 RTDETR_REQUIRE_CUDA_EXTENSION=$(if $(CUDA_HOME),1,0) $(PY) -m pytest tests -q -rs
+	RTDETR_REQUIRE_EXTENSION=1 RTDETR_REQUIRE_CUDA_EXTENSION=$(if $(CUDA_HOME),1,0) $(PY) -m pytest tests -q -rs --durations=40
 
 bench: setup
 	$(PY) -m pytest bench -q
