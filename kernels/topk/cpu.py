@@ -26,32 +26,36 @@ _INT32_MIN = -(1 << 31)
 
 
 def _plain_topk_if_exact(scores: torch.Tensor, k: int):
-    """torch.topk's own indices where they are the reference's order: no NaN (topk ranks it highest) and
-    no two equal values among the k + 1 largest of a row (so no tie, nor -0.0 next to +0.0, whose order
-    topk leaves open); else None. About half the work of the packed keys on distinct scores."""
+    """(values, indices) of torch.topk where its order is the reference's: no NaN (topk ranks NaN
+    highest, so a row with one has NaN first) and no two equal values among the k + 1 largest of a row
+    (so no tie, nor -0.0 next to +0.0, whose order topk leaves open); else None. One read back to the
+    host; about half the work of the packed keys on distinct scores."""
     N, T = scores.shape
-    if bool(torch.isnan(scores).any()):
-        return None
     values, indices = scores.topk(min(k + 1, T), dim=1)
-    if values.shape[1] > 1 and bool((values[:, 1:] == values[:, :-1]).any()):
+    inexact = torch.isnan(values[:, 0]).any()
+    if values.shape[1] > 1:
+        inexact = inexact | (values[:, 1:] == values[:, :-1]).any()
+    if bool(inexact):
         return None
-    return indices[:, :k]
+    return values[:, :k], indices[:, :k]
 
 
-def select_32bit(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """scores [N, T] of float32 or narrower -> indices [N, k] in the reference's order."""
+def select_32bit(scores: torch.Tensor, k: int, with_values: bool = False):
+    """scores [N, T] of float32 or narrower -> indices [N, k] in the reference's order; with
+    ``with_values``, (values or None where the selection did not compute them, indices)."""
     N, T = scores.shape
     if scores.device.type == "cpu" and N > 0:  # a check that reads back to the host: CPU tensors only
         plain = _plain_topk_if_exact(scores, k)
         if plain is not None:
-            return plain
+            return plain if with_values else plain[1]
     s = scores.float() + 0.0  # exact; -0.0 + 0.0 is +0.0, so both zeros get one key
     bits = s.view(torch.int32)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits (monotone)
     key = key.masked_fill(s != s, _INT32_MIN).to(torch.int64)  # NaN lowest
     # (key, index) packed: high word the key, low word 2^32 - 1 - index (lower index ranks first)
     packed = (key << 32) | _low_words(T, scores.device)
-    return packed.topk(k, dim=1).indices
+    indices = packed.topk(k, dim=1).indices
+    return (None, indices) if with_values else indices
 
 
 @functools.lru_cache(maxsize=16)
@@ -82,15 +86,24 @@ def forward(logits: torch.Tensor, k: int, gather: Sequence[torch.Tensor], pairs:
     choose = select_32bit if logits.dtype != torch.float64 else (lambda scores, k: select(rank_key(scores), k))
     if pairs:
         flat = logits.reshape(N, T * C)
-        order = choose(flat, k)
-        scores = flat.gather(1, order)
-        indices, classes = order // C, order % C
+        if logits.dtype != torch.float64:
+            scores, order = select_32bit(flat, k, with_values=True)
+        else:
+            scores, order = None, choose(flat, k)
+        if scores is None:
+            scores = flat.gather(1, order)
+        indices = torch.div(order, C, rounding_mode="floor")
+        classes = order - indices * C
+        rows = _flat_rows(indices, T)
     else:
-        token_scores, token_classes = logits.max(dim=-1)  # the first max class; NaN propagates, as argmax
-        indices = choose(token_scores, k)
-        scores = token_scores.gather(1, indices)
-        classes = token_classes.gather(1, indices)
-    rows = _flat_rows(indices, T)
+        # Ranking needs only the class max; which class is the max is needed for the k chosen tokens
+        # alone. ``amax`` is about 3x faster than ``max`` with indices on CPU (0.33 against 1.15 ms at
+        # [1, 8400, 80] float32), and ``max`` over the k gathered rows gives exactly the values and
+        # classes it gives there over all rows (the first max class; NaN propagates, as argmax).
+        indices = choose(logits.amax(dim=-1), k)
+        rows = _flat_rows(indices, T)
+        scores, classes = logits.reshape(N * T, C).index_select(0, rows).max(dim=-1)
+        scores, classes = scores.view(N, k), classes.view(N, k)
     gathered: List[torch.Tensor] = [_gather_rows(t, indices, rows) for t in gather]
     return scores, indices, classes, gathered
 

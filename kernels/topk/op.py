@@ -88,6 +88,7 @@ class TopKSelect(OpDef):
     it is given under autocast (the Autocast keys fall through)."""
 
     name = OP
+    undefined_grads_ok = True  # an unused output's gradient (None) is not scattered
     # -> scores [N, k], indices [N, k] int64, classes [N, k] int64, gathered [N, k, *] each
     forward_schema = "(Tensor logits, SymInt k, Tensor[] gather, bool pairs) -> (Tensor, Tensor, Tensor, Tensor[])"
     # -> grad_logits [N, T, C], grads of the gathered sources [N, T, *]; an empty tensor for each
