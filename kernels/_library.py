@@ -280,6 +280,9 @@ class OpDef:
     forward_schema: str
     backward_schema: str
     autocast_policy: Optional[Sequence[Optional[str]]] = None  # one rule per leading forward argument
+    # ``grads`` takes None for an output whose gradient is undefined (unused); else such gradients
+    # arrive as zeros
+    undefined_grads_ok: bool = False
 
     def __init__(self):
         self.forward_op = self._define(self.name, self.forward_schema, self._run_forward, self.fake_forward)
@@ -383,6 +386,8 @@ class OpDef:
 
     def _eager(self, flat, spec, args):
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
+            if backends.implementation(self.name, args[-1]).autograd:
+                return self._run_forward(*args)  # autograd records through the composed kernels
             output_spec: List[List[int]] = []  # filled by _Eager.forward
             out = _Eager.apply(self, spec, output_spec, *flat)
             return out if not output_spec else tuple(_unflatten(out, output_spec[0]))
@@ -407,6 +412,10 @@ class _Eager(torch.autograd.Function):
         out = opdef._run_forward(*args)
         opdef._setup_context(ctx, args, out)
         ctx.opdef, ctx.spec, ctx.output_spec = opdef, spec, None
+        # An unused output's gradient stays None instead of zeros where the op's ``grads`` handles it
+        # (top-K: its scores are often unused, and a zero gradient there is a scatter into a [N, T, C]
+        # tensor and an add of it into logits' gradient, about a third of the whole backward on CPU).
+        ctx.set_materialize_grads(not opdef.undefined_grads_ok)
         if isinstance(out, torch.Tensor):
             return out
         flat_out, ctx.output_spec = _flatten(out)

@@ -78,6 +78,10 @@ class Implementation:
     kernels: Callable[[], Tuple[Callable, Callable]]
     why_not: WhyNot = always
     compiled: bool = True  # cpu/cuda kernels in rtdetr_kernels._C (False: composed of PyTorch's kernels)
+    # The forward is composed of differentiable PyTorch ops: the eager path lets autograd record through
+    # it (its saved tensors, no recomputation) instead of calling the backward kernel, which recomputes
+    # the forward; the registered op (compile, export) still uses the backward kernel.
+    autograd: bool = False
 
 
 _OPS: Dict[str, object] = {}  # op name -> its OpDef (validate, describe, explain)

@@ -169,3 +169,40 @@ def test_the_reference_backend_is_the_reference():
                                    aifi_attention_reference(x, pos, *_params(mha), 4), atol=0, rtol=0)
 
 
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "float_mask"])
+def test_cpu_eager_autograd_matches_the_registered_backward(masked):
+    """The cpu backend's eager path lets autograd record through its GEMMs and SDPA (no recomputation);
+    the registered op (compile, export) runs its backward kernel instead. Same gradients, and neither
+    path lets a gradient reach a floating mask."""
+    from rtdetr_kernels.attention import op as attention_op
+
+    mha = _mha(64, 4)
+    N, L = 2, 9
+    x, pos = _inputs(N, L, 64, pos_batch=N)
+    mask = torch.randn(L, L, dtype=torch.float64).requires_grad_() if masked else None
+    grad_out = torch.randn(N, L, 64, dtype=torch.float64)
+
+    def run(call):
+        tensors = [t.detach().clone().requires_grad_() for t in (x, pos, *_params(mha))]
+        out = call(tensors)
+        out.backward(grad_out)
+        return out, [t.grad for t in tensors]
+
+    def eager(tensors):
+        return aifi_attention(*tensors, 4, mask, backend="cpu")
+
+    def registered(tensors):
+        return attention_op.ATTENTION.forward_op(*tensors, 4, mask, "cpu")
+
+    out_eager, grads_eager = run(eager)
+    out_registered, grads_registered = run(registered)
+    # the eager graph is PyTorch's own (the last op: the output projection), not one custom-op node
+    assert "aifi_attention" not in type(out_eager.grad_fn).__name__.lower()
+    assert "_Eager" not in type(out_eager.grad_fn).__name__
+    torch.testing.assert_close(out_eager, out_registered, atol=1e-13, rtol=1e-12)
+    for a, b in zip(grads_eager, grads_registered):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    if masked:
+        assert mask.grad is None
