@@ -97,6 +97,7 @@ def _child_env() -> dict:
 def test_specs_are_listed():
     mods = _spec_modules()
     assert any(name.endswith("ms_deform_attn.triton") for name, _ in mods), "ms_deform_attn has no aot_specs()"
+    assert any(name.endswith("attention.triton") for name, _ in mods), "aifi_attention has no aot_specs()"
     for name, mod in mods:
         specs = mod.aot_specs()
         assert specs, f"{name}.aot_specs() is empty"

@@ -86,7 +86,8 @@ def test_outside_a_launch():
         triton_bounds.check("load", [0], None, 4)
 
 
-def test_sanitize_cases_interpret_mode(tmp_path):
+@pytest.mark.parametrize("case", ["D5-bilinear-edges-N2-Lq7-L16", "aifi_attention/triton-fp16-N2-L65-E128-h2-maskfloat"])
+def test_sanitize_cases_interpret_mode(tmp_path, case):
     """`bench/sanitize_cases.py --interpret`: the GPU suite's sanitizer cases run on CPU tensors through the
     bounds-checked interpreter (a fresh process, as it must set TRITON_INTERPRET before triton loads)."""
     import json
@@ -97,7 +98,7 @@ def test_sanitize_cases_interpret_mode(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = str(tmp_path / "sanitize_interpret.json")
     proc = subprocess.run([sys.executable, os.path.join(root, "bench", "sanitize_cases.py"), "--backend", "triton",
-                           "--interpret", "--check", "-k", "D5-bilinear-edges-N2-Lq7-L16", "--json", out],
+                           "--interpret", "--check", "-k", case, "--json", out],
                           capture_output=True, text=True, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     with open(out) as f:

@@ -80,4 +80,6 @@ def sanitizer_cases(backend: str, quick: bool = False) -> List[Case]:
     # every head-dim path of the cuda kernels: tensor cores at 16 and 64, the generic path at 24, odd lengths
     cases += [_case(backend, 1, 33, 64, 4, "bf16", mask="bool"), _case(backend, 2, 65, 128, 2, "fp16", mask="float"),
               _case(backend, 2, 45, 96, 4, "fp16", mask="bool"), _case(backend, 1, 19, 96, 4, "fp32")]
+    # batch 4: enough (batch, head, row block) programs (160) for the triton kernels' large tile on GPUs up to 160 SMs
+    cases += [_case(backend, 4, 300, 256, 8, "fp16", mask="bool")]
     return cases
