@@ -1,6 +1,6 @@
 """The demo path (``python -m rtdetr_kernels demo``, what ``make demo`` runs) on a shortened schedule.
 
-One run (fixed seed, ``STEPS`` training steps at batch 8 on 64x64 generated scenes, the MSDA kernel patched in)
+One run (fixed seed, ``STEPS`` training steps at batch 8 on 64x64 generated scenes, the kernels patched in by ``rtdetr_kernels.patch``)
 is shared by the tests below: it must write its pictures and JSON, reach an mAP@0.5 floor on held-out scenes, and
 the patched and unpatched model must agree (outputs within float32 tolerance, the same detections, the same loss).
 """

@@ -83,8 +83,6 @@ def run(args) -> Dict:
 
     import rtdetr
     import rtdetr_kernels
-    from rtdetr_kernels.integrations.rtdetr import apply_to_rtdetr
-
     from . import compare, draw, evaluate, model as models, scenes, train
 
     threads = args.threads or (1 if (os.cpu_count() or 1) <= 2 else None)
@@ -119,9 +117,11 @@ def run(args) -> Dict:
     gen_batch = scenes.make_scenes(torch.Generator().manual_seed(999), args.batch, args.image_size)
     if not args.checkpoint:
         # ---- train, patched
-        patch = apply_to_rtdetr(model)
-        _say(f"training with the MSDA kernel patched into {len(patch)} decoder layers "
-             f"(ms_deform_attn -> {report['backends'].get('ms_deform_attn')}), batch {args.batch}, "
+        patch = rtdetr_kernels.patch(model)
+        report["patched"] = patch.counts()
+        _say("training with the kernels patched in ("
+             + "; ".join(f"{kind}: {sum(c.values())} x {', '.join(c)}" for kind, c in report["patched"].items())
+             + f"), batch {args.batch}, "
              f"{'%d steps' % args.steps if args.steps else 'a %.0f s budget' % args.budget}:")
         steps = args.steps or 3000
         budget = None if args.steps else args.budget
@@ -178,7 +178,9 @@ def run(args) -> Dict:
     report["parity"] = par
     _say(f"patched vs unpatched on the same {par['images']} images: max |diff| logits "
          f"{par['max_abs_diff']['pred_logits']:.2e} (of {par['max_abs_value']['pred_logits']:.1f}), boxes "
-         f"{par['max_abs_diff']['pred_boxes']:.2e}; same detections: {par['same_detections']} "
+         f"{par['max_abs_diff']['pred_boxes']:.2e}"
+         + (f" ({par['queries_reordered']} equal-score queries in another order)" if par["queries_reordered"] else "")
+         + f"; same detections: {par['same_detections']} "
          f"({par['detections_compared']} above {args.threshold}, max box diff {par['max_box_diff_px']:.1e} px)")
     if "training_step" in par:
         ts = par["training_step"]
@@ -201,7 +203,7 @@ def run(args) -> Dict:
                             "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]], device=device)}] * len(x)
         rows = compare.end_to_end(model, x, e2e_targets, criterion, 2 * args.timing_budget)
         report["end_to_end"] = rows
-        _say(f"end to end (unpatched vs MSDA patched, {report['device']}):")
+        _say(f"end to end (unpatched vs patched, {report['device']}):")
         _say(_fmt_table(rows, [("what", "what"), ("shape", "shape"), ("reference ms", "reference_ms", "{:.2f}"),
                                ("ours ms", "ours_ms", "{:.2f}"), ("speedup", "speedup", "{:.2f}x")]))
 
@@ -261,13 +263,13 @@ class _deterministic:
 def _determinism_check(args, torch, models, train, model, tr, device, names) -> Dict:
     """Repeat the training run (same seed, the same number of steps, no budget) under deterministic algorithms and
     compare every weight and buffer bitwise with the first run's."""
-    from rtdetr_kernels.integrations.rtdetr import apply_to_rtdetr
+    import rtdetr_kernels
 
     _say(f"--deterministic: training again for the same {tr['steps']} steps to compare the weights bitwise:")
     assert tr["steps"] == tr["planned_steps"], "the first run was cut short; its schedule cannot be repeated"
     torch.manual_seed(args.seed)
     again = models.build(args.config, len(names)).to(device)
-    patch = apply_to_rtdetr(again)
+    patch = rtdetr_kernels.patch(again)
     with _deterministic(torch):
         train.train(again, tr["steps"], seed=args.seed, batch=args.batch, image_size=args.image_size, lr=args.lr,
                     device=device, progress=not args.quiet)
@@ -353,8 +355,8 @@ def _run_image(args, torch, model, names, input_size, device, draw, evaluate, re
     x = torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8).view(pil.height, pil.width, 3)
     x = x.permute(2, 0, 1).float().div(255).unsqueeze(0)
     x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False).to(device)
-    from rtdetr_kernels.integrations.rtdetr import apply_to_rtdetr
-    patch = apply_to_rtdetr(model)
+    import rtdetr_kernels
+    patch = rtdetr_kernels.patch(model)
     try:
         model.eval()
         with torch.no_grad():

@@ -2,6 +2,8 @@
 own shapes, and end to end), reference vs ours, alternating A/B so that both see the same machine load."""
 from __future__ import annotations
 
+import copy
+
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -9,7 +11,6 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import rtdetr_kernels
-from rtdetr_kernels.integrations.rtdetr import apply_to_rtdetr
 
 import rtdetr
 
@@ -60,6 +61,29 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
+def _align_queries(ref: Dict[str, torch.Tensor], ours: Dict[str, torch.Tensor]):
+    """``ours`` with its queries reordered to match ``ref``'s, and how many moved. Tokens with equal scores may
+    be selected in another order (the op orders them by lower index; ``torch.topk`` leaves it open): RT-DETR's
+    invalid anchors at 640 px all get the same score, and the queries made from them are the same queries in
+    another order. Each image's queries are matched one to one (Hungarian, on the largest difference of their
+    logits and boxes), so a reordering is not counted as a difference while any other change still is."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows = lambda d: torch.cat([d["pred_logits"], d["pred_boxes"]], dim=-1).double().cpu()  # noqa: E731
+    a, b = rows(ref), rows(ours)
+    perm, moved = [], 0
+    for i in range(len(a)):
+        cost = (a[i][:, None, :] - b[i][None, :, :]).abs().amax(-1)
+        r, c = linear_sum_assignment(cost.numpy())
+        col = torch.as_tensor(c)[torch.as_tensor(r).argsort()]
+        perm.append(col)
+        moved += int((col != torch.arange(len(col))).sum())
+    index = torch.stack(perm).to(ours["pred_logits"].device)
+    aligned = {k: v.gather(1, index[..., None].expand_as(v)) if k in ("pred_logits", "pred_boxes") else v
+               for k, v in ours.items()}
+    return aligned, moved
+
+
 @torch.no_grad()
 def _forward(model, images):
     model.eval()
@@ -68,7 +92,7 @@ def _forward(model, images):
 
 def parity(model, images: torch.Tensor, num_classes: int, threshold: float = 0.3,
            train_batch=None, criterion=None) -> Dict:
-    """Unpatched vs patched (``apply_to_rtdetr``, backend auto) on the same images: max |difference| of the raw
+    """Unpatched vs patched (``rtdetr_kernels.patch``: MSDA, attention and top-K, backend auto) on the same images: max |difference| of the raw
     outputs, and whether the post-processed detections are the same (labels, boxes within 1e-3 px, scores within
     1e-4), both for those above ``threshold`` (the ones drawn) and for the whole top-k list.  With ``train_batch``
     (images, targets) and ``criterion``: one training forward/backward each (same seed for the denoising noise), max loss and gradient
@@ -77,14 +101,16 @@ def parity(model, images: torch.Tensor, num_classes: int, threshold: float = 0.3
     post = postprocessor(model, num_classes)
     sizes = torch.tensor([[images.shape[-1], images.shape[-2]]] * len(images), device=device)
     ref = _forward(model, images)
-    patch = apply_to_rtdetr(model)
-    patched = len(patch)
+    patch = rtdetr_kernels.patch(model)
+    patched = patch.counts()
     try:
         ours = _forward(model, images)
     finally:
         patch.revert()
-    result = {"images": len(images), "image_size": list(images.shape[-2:]), "msda_modules_patched": patched}
-    result["max_abs_diff"] = {k: _max_abs(ref[k], ours[k]) for k in ("pred_logits", "pred_boxes")}
+    result = {"images": len(images), "image_size": list(images.shape[-2:]), "patched": patched}
+    aligned, moved = _align_queries(ref, ours)
+    result["queries_reordered"] = moved  # equal-score queries in another order (see _align_queries)
+    result["max_abs_diff"] = {k: _max_abs(ref[k], aligned[k]) for k in ("pred_logits", "pred_boxes")}
     result["max_abs_value"] = {k: float(ref[k].abs().max()) for k in ("pred_logits", "pred_boxes")}
     d_ref, d_ours = post(ref, sizes), post(ours, sizes)
     same_all, same_drawn, n_drawn, box_diff = True, True, 0, 0.0
@@ -122,7 +148,7 @@ def _grad_parity(model, images, targets, criterion) -> Dict:
     state = {k: v.clone() for k, v in model.state_dict().items()}  # BatchNorm running stats move in train mode
     loss_ref, g_ref = step()
     model.load_state_dict(state)
-    patch = apply_to_rtdetr(model)
+    patch = rtdetr_kernels.patch(model)
     try:
         loss_ours, g_ours = step()
     finally:
@@ -252,47 +278,38 @@ def op_timings(model, images, budget: float = 1.0) -> List[Dict]:
 
 def end_to_end(model, images: torch.Tensor, targets, criterion, budget: float = 2.0) -> List[Dict]:
     """Inference at batch 1 (eval, no grad) and one training step's forward + loss + backward at the training batch,
-    unpatched vs patched (MSDA via ``apply_to_rtdetr``)."""
+    unpatched vs patched (``rtdetr_kernels.patch``: MSDA, attention, top-K) on a copy with the same weights."""
     device = images.device
     rows = []
-    patch = apply_to_rtdetr(model)
-    patched_cores = [(m, m.ms_deformable_attn_core) for m in (model.get_submodule(r.where) for r in patch.replaced)]
-    patch.revert()
+    ours = copy.deepcopy(model)
+    handle = rtdetr_kernels.patch(ours)
 
-    def set_patched(on):
-        for (m, orig), (_, ours) in zip(patch_originals, patched_cores):
-            m.ms_deformable_attn_core = ours if on else orig
-
-    patch_originals = [(m, m.ms_deformable_attn_core) for m, _ in patched_cores]
-
-    def infer(on):
+    def infer(m):
         def run():
-            set_patched(on)
             with torch.no_grad():
-                model(images[:1])
+                m(images[:1])
+        return run
+
+    def step(m):
+        def run():
+            m.train()
+            losses = criterion(m(images, targets), targets)
+            sum(losses.values()).backward()
+            m.zero_grad(set_to_none=True)
         return run
 
     model.eval()
+    ours.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # BatchNorm running stats move in train mode
     try:
-        t = timeit({"reference": infer(False), "ours": infer(True)}, device, budget)
+        t = timeit({"reference": infer(model), "ours": infer(ours)}, device, budget)
         rows.append(_row("inference", f"batch 1, {images.shape[-2]}x{images.shape[-1]}", t))
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-
-        def step(on):
-            def run():
-                set_patched(on)
-                model.train()
-                losses = criterion(model(images, targets), targets)
-                sum(losses.values()).backward()
-                model.zero_grad(set_to_none=True)
-            return run
-
-        t = timeit({"reference": step(False), "ours": step(True)}, device, budget, min_rounds=3)
+        t = timeit({"reference": step(model), "ours": step(ours)}, device, budget, min_rounds=3)
         rows.append(_row("training step (forward + loss + backward)", f"batch {len(images)}, "
                          f"{images.shape[-2]}x{images.shape[-1]}", t))
-        model.load_state_dict(state)
     finally:
-        set_patched(False)
+        handle.revert()
+        model.load_state_dict(state)
         model.eval()
     return rows
 
