@@ -1,6 +1,7 @@
-// Schemas of top-K selection's compiled ops (kernels: cuda_ops.cpp, CUDA only; the CPU path is
-// PyTorch's own kernels, kernels/topk/cpu.py). The Python op (kernels/topk/op.py) calls them from its
-// cuda backend record, with the arguments of its two custom ops.
+// Schemas of top-K selection's compiled ops (kernels: cuda_ops.cpp for CUDA, forward and backward;
+// cpu.cpp for the CPU, the forward only: the CPU backward is PyTorch's scatters, kernels/topk/cpu.py).
+// The Python op (kernels/topk/op.py) calls them from its cuda backend record, and kernels/topk/cpu.py
+// calls the CPU forward when the extension is built, with the arguments of its two custom ops.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(rtdetr_kernels_C, m) {
