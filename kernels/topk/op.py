@@ -3,8 +3,9 @@
 Two custom ops carry the work (see ``TopKSelect``): ``rtdetr_kernels::topk_select`` (class max or
 every (token, class) pair, ranking, gather; it also returns the class index of each chosen score,
 which the backward needs) and ``rtdetr_kernels::topk_select_backward`` (scatters the gradients back).
-The gathered tensors travel as a ``Tensor[]``. Backends: ``reference`` (the spec), ``cpu`` (PyTorch's
-kernels, one packed-key ``topk``), ``triton`` (triton.py), ``cuda`` (csrc/topk, when built).
+The gathered tensors travel as a ``Tensor[]``. Backends: ``reference`` (the spec), ``cpu`` (the C++
+forward kernel of csrc/topk/cpu.cpp when the extension is built, else PyTorch's kernels; the backward
+is PyTorch's scatters either way: see cpu.py), ``triton`` (triton.py), ``cuda`` (csrc/topk, when built).
 
 No autocast kernel is registered: selection and copying involve no arithmetic, so the op keeps
 the dtypes it is given under autocast (the Autocast keys fall through).

@@ -156,7 +156,8 @@ def _select_kernel(keys_ptr, cls_ptr, logits_ptr, work_ptr, scores_ptr, idx_ptr,
     n = tl.program_id(0).to(tl.int64)
     base = n * T
     lanes = tl.arange(0, CHUNK)
-    trips = _trips(tl.cdiv(T, CHUNK))
+    # loop bounds as range(_trips(...)) at each loop: triton 3.6's interpreter turns a bound kept in a
+    # variable back into a tensor inside another loop
     # the k-th largest key, a radix select from the top, 8 bits a pass: the digit histogram of the keys
     # that share the prefix found so far (tl.histogram has no mask in older triton: keys off the prefix
     # are counted in bin 0 and taken out again)
@@ -167,7 +168,7 @@ def _select_kernel(keys_ptr, cls_ptr, logits_ptr, work_ptr, scores_ptr, idx_ptr,
     for p in range(4):  # a loop, not unrolled: one copy of the pass in the binary
         shift = tl.full([1], 24, tl.uint32) - (8 * p)
         hist = tl.zeros([256], tl.int32)
-        for i in range(trips):
+        for i in range(_trips(tl.cdiv(T, CHUNK))):
             offs = i * CHUNK + lanes
             ok = offs < T
             u = tl.load(keys_ptr + base + offs, mask=ok, other=0).to(tl.uint32, bitcast=True) ^ 0x80000000
@@ -185,7 +186,7 @@ def _select_kernel(keys_ptr, cls_ptr, logits_ptr, work_ptr, scores_ptr, idx_ptr,
     # compaction: every key above thr, then the lowest-indexed keys equal to it, k in all
     taken = tl.zeros([1], tl.int32)
     equal = tl.zeros([1], tl.int32)
-    for i in range(trips):
+    for i in range(_trips(tl.cdiv(T, CHUNK))):
         offs = i * CHUNK + lanes
         ok = offs < T
         u = tl.load(keys_ptr + base + offs, mask=ok, other=0).to(tl.uint32, bitcast=True) ^ 0x80000000
@@ -200,14 +201,12 @@ def _select_kernel(keys_ptr, cls_ptr, logits_ptr, work_ptr, scores_ptr, idx_ptr,
         equal += tl.sum(eq, axis=0)
     if SORT:  # rank sort: a word's rank is the number of larger words (they are unique)
         tl.debug_barrier()  # the workspace writes above are visible to the whole program
-        k_trips = _trips(tl.cdiv(k, RANK_I))
-        j_trips = _trips(tl.cdiv(k, RANK_J))
-        for bi in range(k_trips):
+        for bi in range(_trips(tl.cdiv(k, RANK_I))):
             ri = bi * RANK_I + tl.arange(0, RANK_I)
             ri_ok = ri < k
             words = tl.load(work_ptr + n * k + ri, mask=ri_ok, other=-9223372036854775808)
             rank = tl.zeros([RANK_I], tl.int32)
-            for bj in range(j_trips):
+            for bj in range(_trips(tl.cdiv(k, RANK_J))):
                 rj = bj * RANK_J + tl.arange(0, RANK_J)
                 other = tl.load(work_ptr + n * k + rj, mask=rj < k, other=-9223372036854775808)
                 rank += tl.sum((other[None, :] > words[:, None]).to(tl.int32), axis=1)
