@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import statistics
-import time
 
 import pytest
 import torch
@@ -37,7 +35,7 @@ import rtdetr_kernels
 from rtdetr_kernels import backends
 from rtdetr_kernels.attention.reference import aifi_attention_reference
 
-from conftest import budget_left, device_name, quick
+from conftest import budget_left, quick, record_timing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 E, HEADS = 256, 8
@@ -230,26 +228,6 @@ def _check(provider, setup, inputs, reference, ours, dtype):
             pytest.skip(message)
 
 
-def _once(fn):
-    """One call of ``fn`` in ms: CUDA-event time on GPU, wall time on CPU."""
-    if DEVICE == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def _timer(fn, rounds):
-    fn()
-    times = [_once(fn) for _ in range(rounds)]
-    return statistics.median(times), min(times)
-
-
 def _runner(call, leaves, grad, mode):
     if mode == "forward":
         def run():
@@ -267,22 +245,7 @@ def _runner(call, leaves, grad, mode):
 
 
 def _time(benchmark, run, info):
-    def synced():
-        result = run()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return result
-
-    if DEVICE == "cpu":
-        _, once_ms = _timer(run, 1)
-        rounds = max(10, min(200, int(1500 / max(once_ms, 1e-3))))
-    else:
-        rounds = 50
-    median_ms, min_ms = _timer(run, rounds)
-    benchmark.extra_info.update(info, device=device_name(DEVICE), median_ms=median_ms, min_ms=min_ms)
-    if DEVICE == "cuda":
-        benchmark.extra_info["cuda_event_median_ms"] = median_ms
-    benchmark.pedantic(synced, rounds=min(rounds, 20), iterations=1, warmup_rounds=1)
+    record_timing(benchmark, run, DEVICE, **info)
 
 
 def _skip_unless_timed(provider, case):

@@ -32,7 +32,7 @@ import rtdetr_kernels
 from rtdetr_kernels import backends
 from rtdetr_kernels.topk import topk_select_flat, topk_select_reference
 
-from conftest import budget_left, device_name, quick, time_once_ms, time_rounds_ms
+from conftest import budget_left, device_name, quick, record_timing, time_once_ms, time_rounds_ms
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 K = 300
@@ -200,24 +200,8 @@ def _select_runner(fn, inputs, mode):
 
 
 def _record(benchmark, op, provider, mode, dtype, shape, run):
-    if DEVICE == "cpu":
-        _, once_ms = _timer(run, 1)
-        rounds = max(10, min(200, int(1500 / max(once_ms, 1e-3))))
-    else:
-        rounds = 50
-    median_ms, min_ms = _timer(run, rounds)
-    benchmark.extra_info.update(op=op, provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
-                                shape=shape, device=device_name(DEVICE), median_ms=median_ms, min_ms=min_ms)
-    if DEVICE == "cuda":
-        benchmark.extra_info["cuda_event_median_ms"] = median_ms
-
-    def synced():
-        result = run()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return result
-
-    benchmark.pedantic(synced, rounds=min(rounds, 20), iterations=1, warmup_rounds=1)
+    record_timing(benchmark, run, DEVICE, op=op, provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
+                  shape=shape)
 
 
 def _skip(provider):
