@@ -65,6 +65,23 @@ def record_timing(benchmark, run, device: str, **info) -> None:
     benchmark.pedantic(synced, rounds=min(rounds, 20), iterations=1, warmup_rounds=1)
 
 
+def paired_ratios(ours, anchor, device: str, budget_ms: float = 4000.0) -> dict:
+    """``ours`` and ``anchor`` called alternately (which goes first alternates too), as many rounds as fit in
+    about ``budget_ms`` (20 to 400): the median and 10th percentile of the per-round ratios anchor / ours
+    (> 1: ours faster; a shared host's drifting speed does not bias it), the ratio of the minimums, and
+    each side's median time."""
+    _, once = time_rounds_ms(ours, 1, device)
+    rounds = max(20, min(400, int(budget_ms / max(2 * once, 1e-3))))
+    times = {"ours": [], "anchor": []}
+    for i in range(rounds):
+        for side in (("ours", "anchor") if i % 2 == 0 else ("anchor", "ours")):
+            times[side].append(time_once_ms(ours if side == "ours" else anchor, device))
+    ratios = sorted(a / o for a, o in zip(times["anchor"], times["ours"]))
+    return dict(rounds=rounds, paired_ratio_median=statistics.median(ratios), paired_ratio_p10=ratios[len(ratios) // 10],
+                paired_ratio_of_mins=min(times["anchor"]) / min(times["ours"]),
+                ours_median_ms=statistics.median(times["ours"]), anchor_median_ms=statistics.median(times["anchor"]))
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()

@@ -35,7 +35,7 @@ import rtdetr_kernels
 from rtdetr_kernels import backends
 from rtdetr_kernels.attention.reference import aifi_attention_reference
 
-from conftest import budget_left, quick, record_timing
+from conftest import budget_left, device_name, paired_ratios, quick, record_timing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 E, HEADS = 256, 8
@@ -304,3 +304,32 @@ def test_attention_core(benchmark, provider, case, dtype, mode):
     _time(benchmark, _runner(call, leaves, inputs[3], mode),
           dict(op="attention_core", provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
                shape=_shape_info(case)))
+
+
+PAIRED_CASES = [("decoder", 1, 300), ("encoder", 1, 400), ("decoder-denoising", 1, 500), ("decoder", 8, 300),
+                ("encoder", 8, 400)]
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("anchor", ["nn-mha", "nn-mha-need-weights"])
+@pytest.mark.parametrize("case", PAIRED_CASES, ids=lambda c: f"{c[0]}-N{c[1]}-L{c[2]}")
+def test_aifi_attention_paired(benchmark, case, anchor, mode):
+    """CPU: the cpu backend and nn.MultiheadAttention (as RT-DETR calls it, need_weights=False, and as
+    ultralytics does, need_weights on) called alternately, float32: the median over rounds of anchor_i /
+    ours_i (> 1: ours is faster), which a shared host's drifting speed does not bias."""
+    if DEVICE != "cpu" or "cpu" not in OP_PROVIDERS:
+        pytest.skip("paired timing is for shared CPU hosts (CUDA events are steady)")
+    if budget_left() <= 0:
+        pytest.skip("benchmark time budget spent")
+    inputs = _op_inputs(*case, torch.float32)
+    mask = inputs[6]
+    runs = {}
+    for provider in ("cpu", anchor):
+        _check(provider, _op_setup, inputs, lambda *t: aifi_attention_reference(*t, HEADS, mask), provider == "cpu",
+               torch.float32)
+        call, leaves = _op_setup(provider, inputs, mode != "forward")
+        runs[provider] = _runner(call, leaves, inputs[-1], mode)
+    stats = paired_ratios(runs["cpu"], runs[anchor], DEVICE)
+    benchmark.extra_info.update(op="aifi_attention", kind="paired", provider="cpu", anchor=anchor, mode=mode,
+                                dtype="float32", shape=_shape_info(case), device=device_name(DEVICE), **stats)
+    benchmark.pedantic(runs["cpu"], rounds=3, iterations=1, warmup_rounds=0)

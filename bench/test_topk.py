@@ -23,7 +23,6 @@ scores (sorted values, equal whatever the tie order) against ours.
 from __future__ import annotations
 
 import functools
-import statistics
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ import rtdetr_kernels
 from rtdetr_kernels import backends
 from rtdetr_kernels.topk import topk_select_flat, topk_select_reference
 
-from conftest import budget_left, device_name, quick, record_timing, time_once_ms, time_rounds_ms
+from conftest import budget_left, device_name, paired_ratios, quick, record_timing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 K = 300
@@ -176,14 +175,6 @@ def _check_post(provider, fn, logits, boxes):
     assert labels.shape == (logits.shape[0], K) and g_boxes.shape == (logits.shape[0], K, 4)
 
 
-def _once(fn):
-    return time_once_ms(fn, DEVICE)
-
-
-def _timer(fn, rounds):
-    return time_rounds_ms(fn, rounds, DEVICE)
-
-
 def _select_runner(fn, inputs, mode):
     memory, logits, coords, *grads = inputs
     if mode == "forward":
@@ -260,17 +251,8 @@ def test_topk_select_paired(benchmark, mode):
         fn = _select_function(provider)
         _check_select(provider, fn, *inputs[:3])
         runs[provider] = _select_runner(fn, inputs, mode)
-    _, once = _timer(runs["cpu"], 1)
-    rounds = max(20, min(400, int(4000 / max(2 * once, 1e-3))))
-    times = {"cpu": [], "rtdetr-eager": []}
-    for i in range(rounds):
-        for provider in (("cpu", "rtdetr-eager") if i % 2 == 0 else ("rtdetr-eager", "cpu")):
-            times[provider].append(_once(runs[provider]))
-    ratios = sorted(a / o for a, o in zip(times["rtdetr-eager"], times["cpu"]))
+    stats = paired_ratios(runs["cpu"], runs["rtdetr-eager"], DEVICE)
     benchmark.extra_info.update(
         op="topk_select", kind="paired", provider="cpu", anchor="rtdetr-eager", mode=mode, dtype="float32",
-        shape={"N": n, "T": t, "C": c, "k": K, "hidden": HIDDEN}, device=device_name(DEVICE), rounds=rounds,
-        paired_ratio_median=statistics.median(ratios), paired_ratio_p10=ratios[len(ratios) // 10],
-        paired_ratio_of_mins=min(times["rtdetr-eager"]) / min(times["cpu"]),
-        ours_median_ms=statistics.median(times["cpu"]), anchor_median_ms=statistics.median(times["rtdetr-eager"]))
+        shape={"N": n, "T": t, "C": c, "k": K, "hidden": HIDDEN}, device=device_name(DEVICE), **stats)
     benchmark.pedantic(runs["cpu"], rounds=3, iterations=1, warmup_rounds=0)
