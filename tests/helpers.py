@@ -90,3 +90,26 @@ class OpCalls(TorchDispatchMode):
         if str(func) == self.qualname:
             self.calls.append(args)
         return func(*args, **(kwargs or {}))
+
+
+def cuda_graph_replays(step, static: Sequence[torch.Tensor], fresh, seeds=(1, 2)):
+    """CUDA-graph capture of ``step()`` (two warm-up calls on a side stream first: kernel compiles, the
+    allocator's pools), then for each seed: ``fresh(seed)``'s tensors copied into the ``static`` inputs, a
+    replay, and ``(captured, expected)`` yielded: the graph's outputs and an eager ``step()`` on the same
+    inputs, for the caller to compare."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in seeds:
+        with torch.no_grad():
+            for dst, src in zip(static, fresh(seed)):
+                dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        yield captured, step()

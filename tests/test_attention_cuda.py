@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import deterministic_algorithms, pair_skip_reason
+from helpers import cuda_graph_replays, deterministic_algorithms, pair_skip_reason
 from rtdetr_kernels import backends
 from rtdetr_kernels.attention import aifi_attention
 
@@ -330,22 +330,7 @@ def test_cuda_graph_capture_and_replay(dtype):
         out = aifi_attention(leaves[0], leaves[1], *leaves[2:6], H, mask, backend="cuda")
         return (out,) + torch.autograd.grad(out, leaves, static[6])
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    for seed in (1, 2):
-        with torch.no_grad():
-            for dst, src in zip(static, fresh(seed)):
-                dst.copy_(src)
-        graph.replay()
-        torch.cuda.synchronize()
-        expected = step()
+    for captured, expected in cuda_graph_replays(step, static, fresh):
         for got, exp in zip(captured, expected):
             torch.testing.assert_close(got, exp)
 

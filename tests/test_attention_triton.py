@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from helpers import interpreter  # noqa: E402
+from helpers import cuda_graph_replays, interpreter  # noqa: E402
 from rtdetr_kernels import backends  # noqa: E402
 from rtdetr_kernels.attention import aifi_attention  # noqa: E402
 from rtdetr_kernels.attention import triton as attn_triton  # noqa: E402
@@ -396,22 +396,8 @@ def test_cuda_graph_capture_and_replay(kind):
         out = aifi_attention(leaves[0], leaves[1], *leaves[2:], H, mask, backend="triton")
         return (out,) + torch.autograd.grad(out, leaves, static[2])
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up: compile the kernels, fill the allocator's pools
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    for seed in (1, 2):
-        with torch.no_grad():
-            for dst, src in zip(static, fresh(seed)):
-                dst.copy_(src)
-        graph.replay()
-        torch.cuda.synchronize()
-        for got, want in zip(captured, step()):  # cuBLAS may pick other algorithms under capture
+    for captured, expected in cuda_graph_replays(step, static, fresh):
+        for got, want in zip(captured, expected):  # cuBLAS may pick other algorithms under capture
             torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 

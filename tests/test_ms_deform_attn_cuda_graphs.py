@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rtdetr_kernels
-from helpers import deterministic_algorithms
+from helpers import cuda_graph_replays, deterministic_algorithms
 from rtdetr_kernels import backends
 
 SHAPES = [(20, 20), (10, 10), (5, 5)]
@@ -39,23 +39,6 @@ def test_capture_and_replay_forward_backward(backend, deterministic):
             out = rtdetr_kernels.ms_deform_attn(leaves[0], SHAPES, leaves[1], leaves[2], backend=backend)
             return (out,) + torch.autograd.grad(out, leaves, static[3])
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: compile Triton kernels, allocator pools
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
-
-        for seed in (1, 2):
-            fresh = _inputs(seed)
-            with torch.no_grad():
-                for dst, src in zip(static, fresh):
-                    dst.copy_(src)
-            graph.replay()
-            torch.cuda.synchronize()
-            expected = step()
+        for captured, expected in cuda_graph_replays(step, static, _inputs):
             for got, exp in zip(captured, expected):
                 torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)

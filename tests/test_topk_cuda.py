@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from helpers import cuda_graph_replays
 from rtdetr_kernels import backends
 from rtdetr_kernels.topk import reference, topk_select, topk_select_flat
 
@@ -219,23 +220,7 @@ def test_cuda_graph_capture_and_replay(backend, pairs):
             scores, indices, (g,) = topk_select(leaves[0], k, (leaves[1],), backend=backend)
         return (scores, indices, g) + torch.autograd.grad((scores, g), leaves, (static[2], static[3]))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up: Triton compiles, allocator pools
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    for seed in (1, 2):
-        fresh = inputs(seed)
-        with torch.no_grad():
-            for dst, src in zip(static, fresh):
-                dst.copy_(src)
-        graph.replay()
-        torch.cuda.synchronize()
-        expected = step()
+    for captured, expected in cuda_graph_replays(step, static, inputs):
         for got, exp in zip(captured, expected):
             assert torch.equal(got, exp)
 
