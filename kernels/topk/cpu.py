@@ -25,7 +25,7 @@ from typing import List, Sequence
 import torch
 
 from .. import backends
-from .reference import gather_tokens, rank_key
+from .reference import gather_tokens, rank_key, scores_grad
 
 
 _INT32_MIN = -(1 << 31)
@@ -166,8 +166,7 @@ def backward(grad_scores, indices, classes, grad_gathered, num_tokens, num_class
     N, k = indices.shape
     T, C = num_tokens, num_classes
     if need_logits:
-        flat = indices * C + classes  # unique within a row
-        grad_logits = grad_scores.new_zeros(N, T * C).scatter_(1, flat, grad_scores).reshape(N, T, C)
+        grad_logits = scores_grad(grad_scores, indices, classes, T, C)
     else:
         grad_logits = grad_scores.new_empty(0)
     rows = _flat_rows(indices, T)

@@ -145,9 +145,7 @@ def _reference_backward(grad_scores, indices, classes, grad_gathered, num_tokens
                         need_gather, deterministic):
     N = indices.shape[0]
     if need_logits:
-        flat = indices * num_classes + classes  # [N, k] into [N, T * C], unique within a row
-        grad_logits = grad_scores.new_zeros(N, num_tokens * num_classes).scatter_(1, flat, grad_scores)
-        grad_logits = grad_logits.reshape(N, num_tokens, num_classes)
+        grad_logits = reference.scores_grad(grad_scores, indices, classes, num_tokens, num_classes)
     else:
         grad_logits = empty_grad(grad_scores)
     grads = []

@@ -43,6 +43,16 @@ def token_index(indices: torch.Tensor, trailing: Sequence[int]) -> torch.Tensor:
     return indices.reshape(N, k, *([1] * len(trailing))).expand(N, k, *trailing)
 
 
+def scores_grad(grad_scores: torch.Tensor, indices: torch.Tensor, classes: torch.Tensor, num_tokens: int,
+                num_classes: int) -> torch.Tensor:
+    """The chosen scores' gradient [N, k] scattered to their (token, class) entries of zeros [N, T, C]
+    (the pairs are distinct within a row, so a plain scatter is exact and deterministic)."""
+    N = indices.shape[0]
+    flat = indices * num_classes + classes
+    return grad_scores.new_zeros(N, num_tokens * num_classes).scatter_(1, flat, grad_scores).reshape(
+        N, num_tokens, num_classes)
+
+
 def gather_tokens(source: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """source [N, T, *], indices [N, k] -> [N, k, *]."""
     return torch.gather(source, 1, token_index(indices, source.shape[2:]))

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from .reference import gather_tokens, token_index
+from .reference import gather_tokens, scores_grad, token_index
 
 MAX_SORT = 2048  # widest in-kernel sort; larger k are sorted with torch.sort
 _BLOCK_CS = (1, 8, 32, 128)
@@ -397,8 +397,7 @@ def backward(grad_scores, indices, classes, grad_gathered, num_tokens, num_class
     N, k = indices.shape
     T, C = num_tokens, num_classes
     if need_logits:
-        flat = indices * C + classes  # unique within a row
-        grad_logits = grad_scores.new_zeros(N, T * C).scatter_(1, flat, grad_scores).reshape(N, T, C)
+        grad_logits = scores_grad(grad_scores, indices, classes, T, C)
     else:
         grad_logits = grad_scores.new_empty(0)
     grads: List[torch.Tensor] = []
