@@ -42,17 +42,20 @@ def check_tensor(name: str, t: Any, *, dtypes: Optional[Sequence[torch.dtype]] =
     the argument that fixed the expected dtype/device, for the message."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    source = f" ({like}'s)" if like else ""
     if dtype is not None:
         if t.dtype != dtype:
-            raise TypeError(f"{name}: expected dtype {dtype}{source}, got {t.dtype}")
+            raise TypeError(f"{name}: expected dtype {dtype}{_source(like)}, got {t.dtype}")
     elif dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         kind = "a floating tensor" if tuple(dtypes) == FLOAT_DTYPES else "a tensor"
         raise TypeError(f"{name}: expected {kind} ({names}), got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected device {device}{source}, got {t.device}")
+        raise ValueError(f"{name}: expected device {device}{_source(like)}, got {t.device}")
     return t
+
+
+def _source(like: str) -> str:
+    return f" ({like}'s)" if like else ""
 
 
 def check_int(name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None,
@@ -205,9 +208,9 @@ def _register_autocast(op_name: str, policy: Sequence[Optional[str]]) -> None:
 def tracing() -> bool:
     """True when a call must be visible as the registered op: compiling, exporting, jit tracing, or
     under a TorchDispatchMode (make_fx, FakeTensorMode, FlopCounterMode, user modes)."""
-    compiler = getattr(torch, "compiler", None)
-    return (bool(compiler is not None and compiler.is_compiling()) or torch.jit.is_tracing()
-            or torch._C._len_torch_dispatch_stack() > 0)
+    # is_compiling first: it is dynamo's constant True, so dynamo never reaches the C-level checks after it
+    # (torch._C._is_tracing is torch.jit.is_tracing without its Python wrapper: a frame less per eager call)
+    return torch.compiler.is_compiling() or torch._C._is_tracing() or torch._C._len_torch_dispatch_stack() > 0
 
 
 def _is_tensor_list(a) -> bool:
@@ -285,6 +288,8 @@ class OpDef:
     undefined_grads_ok: bool = False
 
     def __init__(self):
+        # no Tensor[] argument: the eager path passes the arguments to autograd as they are
+        self._flat_args = "Tensor[]" not in self.forward_schema
         self.forward_op = self._define(self.name, self.forward_schema, self._run_forward, self.fake_forward)
         self.backward_op = self._define(self.name + "_backward", self.backward_schema, self._run_backward,
                                         self.fake_backward, extra="bool deterministic, ")
@@ -328,13 +333,13 @@ class OpDef:
         return op
 
     def _kernels(self, backend: str):
-        return backends.implementation(self.name, backend).kernels()
+        return backends.kernels(self.name, backend)
 
     def _run_forward(self, *args):
         """The forward op's body: the backend's forward kernel on contiguous inputs."""
-        *args, backend = args
-        forward, _ = self._kernels(backend)
-        return self._contiguous_outputs(forward(*(_contiguous(a) for a in args)))
+        forward = backends.kernels(self.name, args[-1])[0]
+        return self._contiguous_outputs(forward(*[a.contiguous() if isinstance(a, torch.Tensor) else _contiguous(a)
+                                                  for a in args[:-1]]))
 
     def _run_backward(self, *args):
         *args, backend = args
@@ -373,21 +378,24 @@ class OpDef:
         microseconds a call, as much as a whole kernel at batch 1)."""
         if tracing():
             return self.forward_op(*args)
-        flat, spec = _flatten(args)
-        device_type = next(t for t in flat if isinstance(t, torch.Tensor)).device.type
+        # the first argument of every op's forward is a tensor (x, value, logits)
+        device_type = args[0].device.type
         if autocast_enabled(device_type):
             # as the registered op's Autocast kernel: cast per policy, then run below autocast
             if self.autocast_policy is not None:
                 args = cast_for_autocast(self.autocast_policy, device_type, args)
-                flat, spec = _flatten(args)
             with torch.autocast(device_type, enabled=False):
-                return self._eager(flat, spec, args)
-        return self._eager(flat, spec, args)
+                return self._eager(args)
+        return self._eager(args)
 
-    def _eager(self, flat, spec, args):
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
-            if backends.implementation(self.name, args[-1]).autograd:
-                return self._run_forward(*args)  # autograd records through the composed kernels
+    def _eager(self, args):
+        if backends.implementation(self.name, args[-1]).autograd:
+            # composed of differentiable ATen calls on any strides: autograd records through it as it runs
+            return backends.kernels(self.name, args[-1])[0](*args[:-1])
+        if torch.is_grad_enabled() and any(
+                (isinstance(t, torch.Tensor) and t.requires_grad) or (_is_tensor_list(t) and any(u.requires_grad for u in t))
+                for t in args):
+            flat, spec = (list(args), [-1] * len(args)) if self._flat_args else _flatten(args)
             output_spec: List[List[int]] = []  # filled by _Eager.forward
             out = _Eager.apply(self, spec, output_spec, *flat)
             return out if not output_spec else tuple(_unflatten(out, output_spec[0]))

@@ -23,7 +23,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -43,9 +43,9 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot serve this call; the message says why."""
 
 
-@dataclass(frozen=True)
-class Call:
-    """What a backend needs to know to decide whether it can serve a call."""
+class Call(NamedTuple):
+    """What a backend needs to know to decide whether it can serve a call. (A NamedTuple: made, hashed
+    and compared in C, once per eager call.)"""
 
     op: str
     device_type: str
@@ -80,7 +80,9 @@ class Implementation:
     compiled: bool = True  # cpu/cuda kernels in rtdetr_kernels._C (False: composed of PyTorch's kernels)
     # The forward is composed of differentiable PyTorch ops: the eager path lets autograd record through
     # it (its saved tensors, no recomputation) instead of calling the backward kernel, which recomputes
-    # the forward; the registered op (compile, export) still uses the backward kernel.
+    # the forward; the registered op (compile, export) still uses the backward kernel. Such a forward
+    # also takes inputs of any strides and returns contiguous outputs, so the eager path calls it on the
+    # arguments as they are.
     autograd: bool = False
 
 
@@ -101,6 +103,8 @@ def register(impl: Implementation) -> Implementation:
     if impl.op not in _OPS:
         raise ValueError(f"register: op {impl.op!r} is not defined (define its OpDef first)")
     _IMPLEMENTATIONS[impl.op][impl.backend] = impl
+    _SELECTED.clear()
+    _KERNELS.clear()
     return impl
 
 
@@ -125,6 +129,18 @@ def implementation(op: str, backend: str) -> Implementation:
     if impl is None:
         raise BackendUnavailableError(f"{op} has no {backend} implementation")
     return impl
+
+
+_KERNELS: Dict[Tuple[str, str], Tuple[Callable, Callable]] = {}
+
+
+def kernels(op: str, backend: str) -> Tuple[Callable, Callable]:
+    """``implementation(op, backend).kernels()``, asked once: the record's (forward, backward), whose
+    module is imported on that first call (so a backend that never runs is never imported)."""
+    found = _KERNELS.get((op, backend))
+    if found is None:
+        found = _KERNELS[(op, backend)] = implementation(op, backend).kernels()
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,8 +173,22 @@ def triton_status() -> Tuple[bool, str]:
         return False, f"triton is not importable ({type(exc).__name__}: {exc})"
 
 
+# os.environ's own dict (bytes -> bytes on POSIX), which setting os.environ updates too. ``getenv`` reads
+# it directly: os.environ.get is several Python frames and, for an unset variable, a raised and caught
+# KeyError, which once per eager call cost tens of microseconds after the kernels had swept the caches.
+_ENVIRON_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def getenv(name: str) -> Optional[str]:
+    """``os.environ.get(name)``, fast."""
+    if isinstance(_ENVIRON_DATA, dict):
+        value = _ENVIRON_DATA.get(name.encode())
+        return None if value is None else os.fsdecode(value)
+    return os.environ.get(name)
+
+
 def triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return getenv("TRITON_INTERPRET") not in (None, "", "0")
 
 
 def build_why_not(backend: str, device_type: str, compiled: bool = True) -> Optional[str]:
@@ -233,15 +263,30 @@ def requested_backend(explicit: Optional[str] = None) -> str:
     ctx = _override.get()
     if ctx is not None:
         return ctx
-    env = os.environ.get(ENV_VAR)
+    env = getenv(ENV_VAR)
     if env:
         return _check_name(env, ENV_VAR)
     return "auto"
 
 
+# (call, requested backend, triton interpreter on) -> the backend chosen. A record's why_not depends on
+# the call and the build alone, so a choice once made holds until a record is registered. An eager call
+# on CPU is a few milliseconds at RT-DETR's sizes, and walking the records again each time was a
+# visible part of it (tens of microseconds, once the kernels before it have swept the caches).
+_SELECTED: Dict[Tuple[Call, str, bool], str] = {}
+
+
 def select(call: Call, explicit: Optional[str] = None) -> str:
     """The backend that serves ``call``; raises BackendUnavailableError for an impossible explicit choice."""
     requested = requested_backend(explicit)
+    key = (call, requested, triton_interpreter())
+    chosen = _SELECTED.get(key)
+    if chosen is None:
+        chosen = _SELECTED[key] = _select(call, requested)
+    return chosen
+
+
+def _select(call: Call, requested: str) -> str:
     if requested != "auto":
         reason = why_not(requested, call)
         if reason is not None:

@@ -27,6 +27,19 @@ def require_extension():
     return ext
 
 
+def compiled_kernel(find, source: str):
+    """``find()``, a compiled kernel of the extension, or a skip (a failure where the extension is
+    required) when the extension is not built, or was built before ``source`` existed."""
+    require_extension()
+    kernel = find()
+    if kernel is None:
+        message = f"rtdetr_kernels._C has no kernel from {source} (built before it existed)"
+        if REQUIRE_EXTENSION:
+            pytest.fail(message)
+        pytest.skip(message)
+    return kernel
+
+
 def pair_skip_reason(op: str, device: str, backend: str) -> Optional[str]:
     """Why the registry says ``backend`` cannot serve ``op`` on ``device`` tensors at all (float32), or None."""
     reason = backends.why_not(backend, backends.Call(op, device, (torch.float32,)))

@@ -20,7 +20,7 @@ import zlib
 import pytest
 import torch
 
-from helpers import REQUIRE_EXTENSION, require_extension
+import helpers
 from rtdetr_kernels.topk import cpu as topk_cpu
 from rtdetr_kernels.topk import topk_select, topk_select_flat, topk_select_reference
 
@@ -32,14 +32,7 @@ _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32:
 
 def compiled_kernel():
     """The compiled CPU forward, or a skip (a failure where the extension is required)."""
-    require_extension()
-    kernel = topk_cpu.compiled_forward()
-    if kernel is None:
-        message = "rtdetr_kernels._C has no CPU kernel for topk_select_forward (built before csrc/topk/cpu.cpp)"
-        if REQUIRE_EXTENSION:
-            pytest.fail(message)
-        pytest.skip(message)
-    return kernel
+    return helpers.compiled_kernel(topk_cpu.compiled_forward, "csrc/topk/cpu.cpp")
 
 
 @pytest.fixture(params=["compiled", "torch"])

@@ -2,14 +2,13 @@
 
 Two custom ops carry the work, ``rtdetr_kernels::aifi_attention`` and
 ``rtdetr_kernels::aifi_attention_backward`` (see ``AIFIAttention``). Both take the validated tensors
-as the user passed them (pos, biases and mask optional) and the head count. Only the ``reference``
-backend exists so far; the others say so when asked for.
+as the user passed them (pos, biases and mask optional) and the head count. Backends: cuda (CUDA C++
+core, kernels/attention/cuda.py), triton, cpu (kernels/attention/cpu.py) and the reference.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -20,9 +19,8 @@ from . import reference
 OP = "aifi_attention"
 
 
-@dataclass(frozen=True)
-class Problem:
-    """A validated call."""
+class Problem(NamedTuple):
+    """A validated call (a NamedTuple: made in C, once per eager call)."""
 
     x: torch.Tensor  # [N, L, E]
     pos: Optional[torch.Tensor]  # broadcastable to x
@@ -62,8 +60,9 @@ def validate(
     if x.dim() != 3:
         raise ValueError(f"x: expected shape [N, L, E] (3 dims, batch first), got {list(x.shape)}")
     N, L, E = x.shape
+    device = x.device
     # Under autocast the op casts every input to the autocast dtype, so AMP's mixed dtypes are fine.
-    same_dtype = None if autocast_enabled(x.device.type) else x.dtype
+    same_dtype = None if autocast_enabled(device.type) else x.dtype
     check_int("num_heads", num_heads, low=1)
     if E == 0 or E % num_heads != 0:
         raise ValueError(f"num_heads: the embedding size E = {E} (x's last dim) must be a positive multiple of num_heads = {num_heads}")
@@ -73,10 +72,10 @@ def validate(
                                     ("out_proj_bias", out_proj_bias, (E,), "[E]")):
         if t is None and name.endswith("bias"):
             continue
-        check_tensor(name, t, dtype=same_dtype, device=x.device, like="x")
+        check_tensor(name, t, dtype=same_dtype, device=device, like="x")
         _check_shape(name, t, shape, meaning)
     if pos is not None:
-        check_tensor("pos", pos, dtype=same_dtype, device=x.device, like="x")
+        check_tensor("pos", pos, dtype=same_dtype, device=device, like="x")
         if pos.dim() not in (2, 3) or tuple(pos.shape[-2:]) != (L, E) or (pos.dim() == 3 and pos.shape[0] not in (1, N)):
             raise ValueError(f"pos: expected shape [1, L, E], [N, L, E] or [L, E] with [N, L, E] = {[N, L, E]} (x's shape), got {list(pos.shape)}")
     if attn_mask is not None:
@@ -154,7 +153,8 @@ backends.register(backends.Implementation(OP, "reference", lambda: (reference.ai
 def _cpu_kernels():
     from . import cpu
 
-    return cpu.forward, cpu.backward
+    # the compiled forward itself where it is built (the eager path calls it with no Python between)
+    return cpu.compiled_forward() or cpu.forward_torch, cpu.backward
 
 
 # autograd: in eager mode the backward is PyTorch's own through the GEMMs and SDPA (as
