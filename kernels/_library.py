@@ -261,9 +261,23 @@ def _any(needs) -> bool:
 def _contiguous(a):
     if isinstance(a, torch.Tensor):
         return a.contiguous()
-    if _is_tensor_list(a):
+    if isinstance(a, (list, tuple)) and _is_tensor_list(a):
         return [t.contiguous() for t in a]
     return a
+
+
+def _requires_grad(args) -> bool:
+    """Whether a tensor among ``args`` (or in a list of tensors there) requires grad. Plain loops: this
+    runs on every eager call."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                return True
+        elif isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    return True
+    return False
 
 
 class OpDef:
@@ -338,8 +352,7 @@ class OpDef:
     def _run_forward(self, *args):
         """The forward op's body: the backend's forward kernel on contiguous inputs."""
         forward = backends.kernels(self.name, args[-1])[0]
-        return self._contiguous_outputs(forward(*[a.contiguous() if isinstance(a, torch.Tensor) else _contiguous(a)
-                                                  for a in args[:-1]]))
+        return self._contiguous_outputs(forward(*[_contiguous(a) for a in args[:-1]]))
 
     def _run_backward(self, *args):
         *args, backend = args
@@ -352,7 +365,7 @@ class OpDef:
         """The layout the fakes promise, whatever the kernel returned."""
         if isinstance(out, torch.Tensor):
             return out.contiguous()
-        return type(out)(_contiguous(o) for o in out)
+        return type(out)([_contiguous(o) for o in out])
 
     def _setup_context(self, ctx, inputs, output):
         tensors, meta = self.save(tuple(inputs[:-1]), output)
@@ -392,9 +405,7 @@ class OpDef:
         if backends.implementation(self.name, args[-1]).autograd:
             # composed of differentiable ATen calls on any strides: autograd records through it as it runs
             return backends.kernels(self.name, args[-1])[0](*args[:-1])
-        if torch.is_grad_enabled() and any(
-                (isinstance(t, torch.Tensor) and t.requires_grad) or (_is_tensor_list(t) and any(u.requires_grad for u in t))
-                for t in args):
+        if torch.is_grad_enabled() and _requires_grad(args):
             flat, spec = (list(args), [-1] * len(args)) if self._flat_args else _flatten(args)
             output_spec: List[List[int]] = []  # filled by _Eager.forward
             out = _Eager.apply(self, spec, output_spec, *flat)
