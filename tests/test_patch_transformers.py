@@ -808,7 +808,7 @@ def test_capture_eval_no_graph_breaks():
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
 
 
-def test_capture_training_step_fullgraph(monkeypatch):
+def test_capture_training_step_fullgraph():
     """A training step (denoising on) of the patched RT-DETR model compiles as one graph, forward and
     backward (aot_eager: the custom ops' backward traced too), and matches the eager patched step.
     Two upstream breaks are handled: the encoder layer's ``if not torch.isfinite(h).all()`` (the patch
@@ -829,9 +829,11 @@ def test_capture_training_step_fullgraph(monkeypatch):
 
     ref_loss, ref_grads = step(model.model)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
-    compiled = torch.compile(model.model, fullgraph=True, backend="aot_eager")
-    loss, grads = step(compiled)
+    # the config's own patch, not monkeypatch: undoing a setattr on an aliased config entry breaks it for
+    # every later test (torch.export then fails reading it)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(model.model, fullgraph=True, backend="aot_eager")
+        loss, grads = step(compiled)
     torch.testing.assert_close(loss, ref_loss, rtol=RTOL, atol=ATOL)
     top = max(float(r.abs().max()) for r in ref_grads if r is not None)
     for g, r, p in zip(grads, ref_grads, model.parameters()):

@@ -302,7 +302,7 @@ def test_wrapper_and_copies(ultra, tmp_path):
     # a deep copy (ultralytics' EMA makes one) is patched, bound to the copy, and has no handle of its own
     twin = copy.deepcopy(net)
     layer = twin.model[-1].decoder.layers[0]
-    assert layer.__dict__["forward"].module is layer
+    assert layer.__dict__["forward"].obj is layer
     x = _images(n=1, seed=13)
     for a, b in zip(_eval(twin, x), _eval(net, x)):
         assert torch.equal(a, b)

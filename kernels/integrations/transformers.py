@@ -47,7 +47,7 @@
   version-pinned copy of the whole forward for little gain, so it is left alone (``patch`` on a
   transformers model reports "topk: nothing to patch").
 
-Patched callables are ``_Bound`` objects: ``copy.deepcopy`` of a patched model is patched the same way,
+Patched callables are ``BoundPatch`` objects: ``copy.deepcopy`` of a patched model is patched the same way,
 bound to the copy; pickling stores the original (a checkpoint never needs rtdetr_kernels to load).
 
 The ``kernels`` package path (what transformers users may expect): ``kernels_mapping()`` returns a
@@ -61,7 +61,6 @@ device=...)`` then swaps the layer's forward. See docs/integrations.md.
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib
 import os
@@ -75,10 +74,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bound import _MARK, BoundPatch, _identity, backend_kw as _kw, swap as _swap
 from .patch import _HANDLE_ATTR, Family, PatchHandle, Replacement, named_instances, register_family
 
 _PREFIX = "transformers.models."
-_MARK = "_rtdetr_kernels_patched"
 
 HUB_MSDA = "MultiScaleDeformableAttention"
 V2_MSDA = ("RTDetrV2MultiscaleDeformableAttention",)
@@ -98,39 +97,6 @@ DEFORMABLE_PROCESSORS = ("DeformableDetrImageProcessor", "DeformableDetrImagePro
 # --------------------------------------------------------------------------------------------
 # Bound patches (per instance; deep copies follow, pickles store the original)
 # --------------------------------------------------------------------------------------------
-
-
-class _Bound:
-    """A patched method of one object: ``fn(obj, patch, *args, **kwargs)``; ``patch.original(...)``
-    calls what was there (the instance's own attribute, else the class's method). ``cache`` is the
-    patch's own scratch (the packed attention weights), never pickled or copied."""
-
-    __slots__ = ("fn", "obj", "attr", "own", "backend", "cache", _MARK)
-
-    def __init__(self, fn: Callable, obj, attr: str, own, backend: Optional[str]):
-        self.fn = fn
-        self.obj = obj
-        self.attr = attr
-        self.own = own
-        self.backend = backend
-        self.cache = None
-        setattr(self, _MARK, True)
-
-    def original(self, *args, **kwargs):
-        if self.own is not None:
-            return self.own(*args, **kwargs)
-        return getattr(type(self.obj), self.attr)(self.obj, *args, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(self.obj, self, *args, **kwargs)
-
-    def __deepcopy__(self, memo):
-        obj = copy.deepcopy(self.obj, memo)
-        own = copy.deepcopy(self.own, memo) if self.own is not None else None
-        return _Bound(self.fn, obj, self.attr, own, self.backend)
-
-    def __reduce__(self):
-        return (getattr, (self.obj, self.attr)) if self.own is None else (_identity, (self.own,))
 
 
 class _Core:
@@ -154,34 +120,6 @@ class _Core:
         return (_identity, (self.original,))
 
 
-def _identity(x):
-    return x
-
-
-def _swap(kind: str, where: str, obj, attr: str, fn: Callable, backend: Optional[str], how: str,
-          detail: str = "") -> Replacement:
-    """``obj.attr = _Bound(fn, ...)`` on the instance; the undo restores exactly what was there before any
-    patch (a ``_Bound`` left by a deep copy of a patched model is replaced, not wrapped)."""
-    had = attr in obj.__dict__
-    own = obj.__dict__.get(attr)
-    if getattr(own, _MARK, False):
-        own = own.own
-        had = own is not None
-
-    def undo():
-        if had:
-            object.__setattr__(obj, attr, own)
-        elif attr in obj.__dict__:
-            object.__delattr__(obj, attr)
-
-    object.__setattr__(obj, attr, _Bound(fn, obj, attr, own, backend))
-    return Replacement(kind, where, type(obj).__name__, how, undo, detail)
-
-
-def _kw(backend: Optional[str]) -> dict:
-    return {} if backend is None else {"backend": backend}
-
-
 def _ops():
     import rtdetr_kernels
 
@@ -193,7 +131,7 @@ def _ops():
 # --------------------------------------------------------------------------------------------
 
 
-def _hub_msda_forward(self, patch: _Bound, value, value_spatial_shapes, value_spatial_shapes_list=None,
+def _hub_msda_forward(self, patch: BoundPatch, value, value_spatial_shapes, value_spatial_shapes_list=None,
                       level_start_index=None, sampling_locations=None, attention_weights=None, im2col_step=64):
     # value [N, S, M, D], locations [N, Lq, M, L, P, 2], weights [N, Lq, M, L, P] -> [N, Lq, M*D];
     # the shapes list holds Python ints (the tensor twin would be read back from the device).
@@ -214,7 +152,7 @@ def _v2_core(value, value_spatial_shapes, sampling_locations, attention_weights,
                                  **_kw(backend))
 
 
-def _v2_msda_forward(self, patch: _Bound, hidden_states, attention_mask=None, encoder_hidden_states=None,
+def _v2_msda_forward(self, patch: BoundPatch, hidden_states, attention_mask=None, encoder_hidden_states=None,
                      encoder_attention_mask=None, position_embeddings=None, reference_points=None, spatial_shapes=None,
                      spatial_shapes_list=None, level_start_index=None, **kwargs):
     # RTDetrV2MultiscaleDeformableAttention.forward of transformers 5.23 (same in 5.17) up to the
@@ -267,7 +205,7 @@ _V2_MEMBERS = ("value_proj", "sampling_offsets", "attention_weights", "output_pr
 # --------------------------------------------------------------------------------------------
 
 
-def _packed_qkv(self, patch: _Bound):
+def _packed_qkv(self, patch: BoundPatch):
     """cat(q, k, v) weights and biases; cached for inference only (see the module docstring)."""
     q, k, v = self.q_proj, self.k_proj, self.v_proj
     params = (q.weight, k.weight, v.weight, q.bias, k.bias, v.bias)
@@ -301,7 +239,7 @@ def _op_mask(mask: Optional[torch.Tensor], N: int, T: int, H: int):
     return False
 
 
-def _self_attention_forward(self, patch: _Bound, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+def _self_attention_forward(self, patch: BoundPatch, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
     # transformers' DETR self-attention (rt_detr L308 in 5.23): q = k = x + pos, v = x, eager or sdpa
     # core (dropout only in training), o_proj; returns (output, weights).
     x = hidden_states
@@ -337,7 +275,7 @@ def _attention_servable(m: nn.Module) -> bool:
     return abs(float(m.scaling) - m.head_dim ** -0.5) < 1e-9 * m.head_dim ** -0.5
 
 
-def _encoder_layer_forward(self, patch: _Bound, hidden_states, attention_mask=None, spatial_position_embeddings=None,
+def _encoder_layer_forward(self, patch: BoundPatch, hidden_states, attention_mask=None, spatial_position_embeddings=None,
                            **kwargs):
     # RTDetrEncoderLayer.forward (the same body in RTDetrV2 / DFine / Deimv2 / PPDocLayoutV2-4), with
     # upstream's training-only ``if not torch.isfinite(h).all(): h = clamp(h)`` made branch-free: the
@@ -457,7 +395,7 @@ def _results(scores, labels, boxes, threshold):
     return results
 
 
-def _rtdetr_post_process(self, patch: _Bound, outputs, threshold: float = 0.5, target_sizes=None,
+def _rtdetr_post_process(self, patch: BoundPatch, outputs, threshold: float = 0.5, target_sizes=None,
                          use_focal_loss: bool = True):
     # RTDetrImageProcessor.post_process_object_detection: sigmoid -> topk over Q*C pairs (k = Q) ->
     # label = idx % C, query = idx // C -> gather boxes; scaling commutes with the gather.
@@ -470,7 +408,7 @@ def _rtdetr_post_process(self, patch: _Bound, outputs, threshold: float = 0.5, t
     return _results(scores, labels, _scale(boxes, target_sizes, True), threshold)
 
 
-def _deformable_post_process(self, patch: _Bound, outputs, threshold: float = 0.5, target_sizes=None, top_k: int = 100):
+def _deformable_post_process(self, patch: BoundPatch, outputs, threshold: float = 0.5, target_sizes=None, top_k: int = 100):
     # DeformableDetrImageProcessor.post_process_object_detection: the same with k = min(top_k, Q*C).
     out_logits, out_bbox = outputs.logits, outputs.pred_boxes
     if target_sizes is not None and len(out_logits) != len(target_sizes):
