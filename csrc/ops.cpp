@@ -4,7 +4,8 @@
 // rtdetr_kernels_C), its kernels are registered per dispatch key next to their code (cpu.cpp: CPU,
 // cuda_ops.cpp: CUDA), so adding an op touches no shared file.
 // Autograd, fake tensors and backend choice live in Python (kernels/<op>/op.py), which calls these
-// ops; the module has no pybind11, importing it just runs the static registrations.
+// ops; the module has no pybind11, importing it runs the static registrations, and its only functions
+// are call_signature and set_signature_types (signature.cpp, for the ops' eager fast path).
 #include <Python.h>
 
 #ifndef RTDETR_CUDA_ARCHS
@@ -21,6 +22,7 @@ namespace rtdetr_kernels {
 namespace msda {
 const char* cpu_isa();  // cpu.cpp: which build of the CPU kernels this machine runs
 }  // namespace msda
+int add_signature_functions(PyObject* module);  // signature.cpp: call_signature, set_signature_types
 }  // namespace rtdetr_kernels
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "rtdetr_kernels compiled ops", -1, nullptr};
@@ -37,5 +39,9 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(module, "CUDA_VERSION", RTDETR_CUDA_VERSION);
   PyModule_AddStringConstant(module, "TORCH_VERSION", RTDETR_TORCH_VERSION);
   PyModule_AddStringConstant(module, "CPU_ISA", rtdetr_kernels::msda::cpu_isa());
+  if (rtdetr_kernels::add_signature_functions(module) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
   return module;
 }

@@ -237,9 +237,13 @@ def topk_select(
         indices [N, k] int64, and a tuple with one [N, k, *] tensor per ``gather`` entry
         (differentiable: scattered back to the chosen tokens).
     """
-    problem = validate(logits, k, gather)
-    chosen = backends.choose(describe(problem), backend)
-    scores, indices, _, gathered = TOPK(problem.logits, problem.k, list(problem.gather), False, chosen)
+    chosen, key = backends.remembered(OP, backend, (logits, k, gather, False))  # validate reads only metadata
+    if chosen is None:
+        problem = validate(logits, k, gather)
+        gather = problem.gather  # a tuple (gather may have been any iterable)
+        chosen = backends.choose(describe(problem), backend)
+        backends.remember(key, chosen)
+    scores, indices, _, gathered = TOPK(logits, k, list(gather), False, chosen)
     return scores, indices, tuple(gathered)
 
 
@@ -276,10 +280,14 @@ def topk_select_flat(
     """
     if not isinstance(sigmoid, bool):
         raise TypeError(f"sigmoid: expected a bool, got {type(sigmoid).__name__}")
-    problem = validate(scores, k, gather, pairs=True, names=("scores", "Q (queries)"))
-    chosen = backends.choose(describe(problem), backend)
-    ranked = torch.sigmoid(problem.logits) if sigmoid else problem.logits
-    top_scores, queries, labels, gathered = TOPK(ranked, problem.k, list(problem.gather), True, chosen)
+    chosen, key = backends.remembered(OP, backend, (scores, k, gather, True))  # validate reads only metadata
+    if chosen is None:
+        problem = validate(scores, k, gather, pairs=True, names=("scores", "Q (queries)"))
+        gather = problem.gather  # a tuple (gather may have been any iterable)
+        chosen = backends.choose(describe(problem), backend)
+        backends.remember(key, chosen)
+    ranked = torch.sigmoid(scores) if sigmoid else scores
+    top_scores, queries, labels, gathered = TOPK(ranked, k, list(gather), True, chosen)
     return top_scores, labels, queries, tuple(gathered)
 
 
