@@ -261,7 +261,7 @@ def _any(needs) -> bool:
 def _contiguous(a):
     if isinstance(a, torch.Tensor):
         return a.contiguous()
-    if isinstance(a, (list, tuple)) and _is_tensor_list(a):
+    if _is_tensor_list(a):
         return [t.contiguous() for t in a]
     return a
 
@@ -302,8 +302,6 @@ class OpDef:
     undefined_grads_ok: bool = False
 
     def __init__(self):
-        # no Tensor[] argument: the eager path passes the arguments to autograd as they are
-        self._flat_args = "Tensor[]" not in self.forward_schema
         self.forward_op = self._define(self.name, self.forward_schema, self._run_forward, self.fake_forward)
         self.backward_op = self._define(self.name + "_backward", self.backward_schema, self._run_backward,
                                         self.fake_backward, extra="bool deterministic, ")
@@ -351,7 +349,7 @@ class OpDef:
 
     def _run_forward(self, *args):
         """The forward op's body: the backend's forward kernel on contiguous inputs."""
-        forward = backends.kernels(self.name, args[-1])[0]
+        forward = self._kernels(args[-1])[0]
         return self._contiguous_outputs(forward(*[_contiguous(a) for a in args[:-1]]))
 
     def _run_backward(self, *args):
@@ -365,7 +363,7 @@ class OpDef:
         """The layout the fakes promise, whatever the kernel returned."""
         if isinstance(out, torch.Tensor):
             return out.contiguous()
-        return type(out)([_contiguous(o) for o in out])
+        return type(out)(_contiguous(o) for o in out)
 
     def _setup_context(self, ctx, inputs, output):
         tensors, meta = self.save(tuple(inputs[:-1]), output)
@@ -404,9 +402,9 @@ class OpDef:
     def _eager(self, args):
         if backends.implementation(self.name, args[-1]).autograd:
             # composed of differentiable ATen calls on any strides: autograd records through it as it runs
-            return backends.kernels(self.name, args[-1])[0](*args[:-1])
+            return self._kernels(args[-1])[0](*args[:-1])
         if torch.is_grad_enabled() and _requires_grad(args):
-            flat, spec = (list(args), [-1] * len(args)) if self._flat_args else _flatten(args)
+            flat, spec = _flatten(args)
             output_spec: List[List[int]] = []  # filled by _Eager.forward
             out = _Eager.apply(self, spec, output_spec, *flat)
             return out if not output_spec else tuple(_unflatten(out, output_spec[0]))

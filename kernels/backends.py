@@ -319,8 +319,8 @@ def _choose_constant(op, device_type, dtypes, options, explicit) -> str:
 # The eager fast path: validation, description and choice remembered by argument metadata
 # --------------------------------------------------------------------------------------------
 
-# (op, call_signature of its arguments, requested backend, autocast on for cpu, for cuda) -> the backend
-# chosen for a call with those that passed validation. Cleared when a record is registered, and when full.
+# (op, call_signature of its arguments, requested backend, triton interpreter on, autocast on for cpu, for
+# cuda) -> the backend chosen for a call with those that passed validation. Cleared when a record is registered, and when full.
 _REMEMBERED: Dict[tuple, str] = {}
 _REMEMBER_AT_MOST = 4096
 
@@ -352,7 +352,9 @@ def remembered(op: str, explicit: Optional[str], args: tuple) -> Tuple[Optional[
     sig = signature(*args)
     if sig is None:
         return None, None
-    key = (op, sig, requested_backend(explicit), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+    # what select's own memory is keyed on besides the call (which the signature stands for), and autocast
+    key = (op, sig, requested_backend(explicit), triton_interpreter(), torch.is_autocast_enabled("cpu"),
+           torch.is_autocast_enabled("cuda"))
     return _REMEMBERED.get(key), key
 
 

@@ -153,8 +153,7 @@ backends.register(backends.Implementation(OP, "reference", lambda: (reference.ai
 def _cpu_kernels():
     from . import cpu
 
-    # the compiled forward itself where it is built (the eager path calls it with no Python between)
-    return cpu.compiled_forward() or cpu.forward_torch, cpu.backward
+    return cpu.forward(), cpu.backward
 
 
 # autograd: in eager mode the backward is PyTorch's own through the GEMMs and SDPA (as
